@@ -75,6 +75,19 @@ def _parse_ts(text: str) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
+@dataclass(frozen=True)
+class StepResult:
+    """What a step returns to its caller (XCom carries this: paths and counts, never data)."""
+
+    step: str
+    interval: str
+    path: str | None
+    counts: dict[str, int]
+
+    def as_dict(self) -> dict[str, object]:
+        return {"step": self.step, "interval": self.interval, "path": self.path, "counts": dict(self.counts)}
+
+
 def partition_dir(lake: Path, step: str, interval: Interval) -> Path:
     return lake / step / f"interval={interval.key}"
 

@@ -66,6 +66,7 @@ class Settings:
     max_retries: int = 5
     listing_page_size: int = 100
     listing_max_pages: int = 10  # Reddit stops at about 1000 posts
+    # -- reddit/listings extra settings (helper: reddit) --
 
     # Candidates and downloads
     allow_nsfw: bool = False
@@ -86,6 +87,7 @@ class Settings:
     read_timeout_s: float = 15.0
     download_deadline_s: float = 60.0
     max_redirects: int = 5
+    # -- links/download extra settings (helper: download) --
 
     # Models and scoring
     embedder: str = "efficientnet-lite0"
@@ -96,6 +98,9 @@ class Settings:
     novelty_target_acceptance: float | None = None
     watermark_threshold: float | None = None  # None: the trained detector's calibrated threshold
     watermark_on_all: bool = False
+    # -- models/embed extra settings (helper: models) --
+    # -- watermark extra settings (helper: watermark) --
+    # -- novelty extra settings (helper: novelty) --
 
     # Dedupe and publishing
     phash_size: int = 8
@@ -104,6 +109,8 @@ class Settings:
     publish_url: str = ""
     publish_secret: Secret = Secret("")
     dry_run: bool = False
+    # -- dedupe/publish extra settings (helper: publish) --
+    # -- warehouse extra settings (helper: warehouse) --
 
     # ---- derived paths -------------------------------------------------------------
     @property
