@@ -67,6 +67,9 @@ class Settings:
     listing_page_size: int = 100
     listing_max_pages: int = 10  # Reddit stops at about 1000 posts
     # -- reddit/listings extra settings (helper: reddit) --
+    listing_depth_cap: int = 1000  # an end of listing this deep is Reddit's cap (a gap), not the real end
+    collector_sources: tuple[str, ...] = ("all",)  # high-volume sources the light collector polls
+    collector_pages: int = 3  # requests per source per collector run
 
     # Candidates and downloads
     allow_nsfw: bool = False
