@@ -52,7 +52,7 @@ def mining_hourly() -> None:
     def download() -> dict:
         return _run("download")
 
-    @task(outlets=[LAKE["embeddings"]])
+    @task(queue="embed", outlets=[LAKE["embeddings"]])
     def embed() -> dict:
         return _run("embed")
 

@@ -104,6 +104,12 @@ class Settings:
     # -- models/embed extra settings (helper: models) --
     # -- watermark extra settings (helper: watermark) --
     # -- novelty extra settings (helper: novelty) --
+    novelty_gmm_components: int = 16  # the original system's mixture size (fewer for tiny galleries)
+    novelty_gmm_covariance: str = "full"  # full | tied | diag | spherical
+    novelty_knn_k: int = 5  # neighbours averaged by the cosine model
+    novelty_pca_dims: int = 128  # PCA before the GMM (0: none); bounds full-covariance cost at 1280-d
+    novelty_max_fit_rows: int = 50_000  # seeded sample of the gallery a model is fitted on (memory bound)
+    novelty_gmm_min_gallery: int = 2000  # no stream yet: kNN below this many liked images, GMM from here on
 
     # Dedupe and publishing
     phash_size: int = 8
@@ -114,6 +120,18 @@ class Settings:
     dry_run: bool = False
     # -- dedupe/publish extra settings (helper: publish) --
     # -- warehouse extra settings (helper: warehouse) --
+    warehouse_lock_timeout_s: float = 600.0  # writers wait this long for the single-writer lock
+    warehouse_read_timeout_s: float = 30.0  # `mining sql` and other readers wait this long
+    # -- weekly extra settings --
+    discovery_auto_promote: bool = False  # add r/all subreddits to the watch list without asking
+    discovery_max_per_week: int = 3
+    discovery_min_accepted: int = 3
+    discovery_min_rate: float = 0.2
+    discovery_barren_weeks: int = 4  # watch-list entries with nothing accepted this long...
+    discovery_barren_min_candidates: int = 20  # ...out of at least this many candidates
+    refit_unlabelled_weeks: int = 4  # candidates seen this far back form the unlabelled stream
+    refit_max_unlabelled: int = 20000
+    report_contact_sheet_size: int = 24
 
     # ---- derived paths -------------------------------------------------------------
     @property

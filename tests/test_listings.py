@@ -7,7 +7,6 @@ import logging
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
 from mining import schemas

@@ -1,0 +1,351 @@
+"""Synthetic watermarks over clean photos: the training data of the watermark detector.
+
+No labelled watermark set can be downloaded here, but the user's own clean photos are
+exactly their kind of image, so positives are made by stamping them the way creators and
+stock sites do (text, signatures, logos, tiled patterns; faint and strong), then every
+example (clean ones too) is resized and recompressed the way Reddit serves images, so a
+detector learns the mark rather than the JPEG artefacts. Everything is drawn from the
+given ``numpy.random.Generator``: same rng state and same fonts, same image.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import sys
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+KINDS = ("corner", "centre", "tiled", "logo")
+STRENGTHS = ("faint", "strong")
+FAINT_OPACITY = (0.15, 0.35)
+STRONG_OPACITY = (0.5, 0.95)
+
+_FONT_DIRS = (Path("/usr/share/fonts"), Path("/usr/local/share/fonts"), Path.home() / ".fonts")
+_SKIP_FONT_WORDS = ("icon", "math", "symbol", "emoji", "dingbat", "codicon", "awesome")
+
+_SYLLABLES = ("ka", "ri", "mo", "lan", "ter", "vi", "so", "ne", "dar", "el", "an", "to", "mar", "lu", "ste",
+              "ph", "ben", "ja", "min", "ro", "sa", "li", "ck", "ol", "ver", "ha", "nu", "gre", "the", "wil")
+_WORDS = ("PHOTOGRAPHY", "Photography", "photo", "studio", "images", "PREVIEW", "SAMPLE", "stock", "Pictures",
+          "visuals", "captures", "lens", "shots", "media", "Art", "DESIGN", "WATERMARK", "copyright")
+_TLDS = (".com", ".net", ".photo", ".art", ".co", ".io", ".de", ".fr")
+
+
+@lru_cache(maxsize=1)
+def font_files() -> tuple[str, ...]:
+    """TrueType/OpenType text fonts on this machine (system dirs, installed wheels); may be empty."""
+    found: set[str] = set()
+    roots = [*_FONT_DIRS]
+    for entry in sys.path:
+        if entry.endswith("site-packages"):
+            roots.extend(Path(entry).glob("*/fonts"))
+            roots.extend(Path(entry).glob("*/mpl-data/fonts"))
+    for root in roots:
+        if not root.is_dir():
+            continue
+        for pattern in ("**/*.ttf", "**/*.otf", "**/*.TTF"):
+            for path in root.glob(pattern):
+                if not any(w in path.name.lower() for w in _SKIP_FONT_WORDS):
+                    found.add(str(path))
+    return tuple(sorted(found))
+
+
+@lru_cache(maxsize=512)
+def _font(index: int, size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Font ``index`` into [Pillow's built-in, *font_files()]; never fails (falls back to built-in)."""
+    files = font_files()
+    if index > 0 and index - 1 < len(files):
+        try:
+            return ImageFont.truetype(files[index - 1], size)
+        except OSError:
+            pass
+    try:
+        return ImageFont.load_default(size=size)  # FreeType build: a scalable bundled font
+    except (TypeError, OSError):  # pragma: no cover - Pillow without FreeType
+        return ImageFont.load_default()
+
+
+def _pick_font(rng: np.random.Generator, size: int) -> tuple[Any, str]:
+    n = 1 + len(font_files())
+    index = int(rng.integers(n))
+    name = "builtin" if index == 0 else Path(font_files()[index - 1]).stem
+    return _font(index, max(6, int(size))), name
+
+
+def _name(rng: np.random.Generator) -> str:
+    parts = [str(rng.choice(_SYLLABLES)) for _ in range(int(rng.integers(2, 4)))]
+    return "".join(parts).capitalize()
+
+
+def random_text(rng: np.random.Generator) -> str:
+    """Watermark-like text: credits, handles, sites, stock words, dates."""
+    first, last = _name(rng), _name(rng)
+    year = int(rng.integers(2005, 2026))
+    templates = (
+        f"© {first} {last}",
+        f"© {year} {first} {last}",
+        f"@{first.lower()}{last.lower()}",
+        f"@{first.lower()}_{str(rng.choice(_WORDS)).lower()}",
+        f"www.{first.lower()}{last.lower()}{rng.choice(_TLDS)}",
+        f"{first.lower()}{rng.choice(_TLDS)}",
+        f"{first} {last} {rng.choice(_WORDS)}",
+        f"{first.upper()} {str(rng.choice(_WORDS)).upper()}",
+        str(rng.choice(_WORDS)),
+        f"{first} {last}",
+        f"photo by {first} {last}",
+        f"{first}{rng.choice(_WORDS)}{rng.choice(_TLDS)}",
+    )
+    text = str(templates[int(rng.integers(len(templates)))])
+    if rng.random() < 0.15:
+        text = text.upper()
+    return text
+
+
+def _colour(rng: np.random.Generator) -> tuple[int, int, int]:
+    r = rng.random()
+    if r < 0.45:
+        v = int(rng.integers(225, 256))
+        return (v, v, v)
+    if r < 0.7:
+        v = int(rng.integers(0, 40))
+        return (v, v, v)
+    if r < 0.8:
+        v = int(rng.integers(90, 180))
+        return (v, v, v)
+    return tuple(int(c) for c in rng.integers(0, 256, 3))  # type: ignore[return-value]
+
+
+def _text_layer(text: str, font: Any, colour: tuple[int, int, int], rng: np.random.Generator,
+                outline: bool) -> Image.Image:
+    """Text on its own transparent layer, cropped to the ink (optionally outlined/shadowed)."""
+    probe = ImageDraw.Draw(Image.new("L", (1, 1)))
+    left, top, right, bottom = probe.textbbox((0, 0), text, font=font)
+    pad = 4 + max(2, (bottom - top) // 8)
+    w, h = max(1, right - left + 2 * pad), max(1, bottom - top + 2 * pad)
+    layer = Image.new("RGBA", (w, h), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    origin = (pad - left, pad - top)
+    if outline:
+        dark = sum(colour) > 380
+        stroke = (0, 0, 0, 255) if dark else (255, 255, 255, 255)
+        width = max(1, (bottom - top) // 18)
+        if rng.random() < 0.5:  # drop shadow
+            draw.text((origin[0] + width, origin[1] + width), text, font=font, fill=stroke)
+        else:
+            draw.text(origin, text, font=font, fill=(*colour, 255), stroke_width=width, stroke_fill=stroke)
+            return layer
+    draw.text(origin, text, font=font, fill=(*colour, 255))
+    return layer
+
+
+def _signature_layer(height: int, colour: tuple[int, int, int], rng: np.random.Generator) -> Image.Image:
+    """A handwritten-looking scribble: a smooth pen path with loops, like a signature."""
+    height = max(12, height)
+    width = int(height * rng.uniform(2.0, 4.5))
+    layer = Image.new("RGBA", (width, height), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    n = int(rng.integers(40, 90))
+    t = np.linspace(0, 1, n)
+    loops = rng.uniform(3, 9)
+    x = 0.05 * width + 0.9 * width * t + 0.06 * width * np.sin(2 * math.pi * loops * t + rng.uniform(0, 6))
+    y = (0.5 * height + 0.32 * height * np.sin(2 * math.pi * loops * t * rng.uniform(0.8, 1.3))
+         * (0.5 + 0.5 * np.cos(2 * math.pi * rng.uniform(0.3, 1.5) * t)))
+    y += rng.normal(0, 0.02 * height, n).cumsum() * 0.3
+    pen = max(1, int(height * rng.uniform(0.04, 0.09)))
+    points = [(float(a), float(b)) for a, b in zip(x, np.clip(y, 1, height - 2), strict=True)]
+    draw.line(points, fill=(*colour, 255), width=pen, joint="curve")
+    if rng.random() < 0.6:  # underline flourish
+        yy = height * rng.uniform(0.75, 0.92)
+        draw.line([(0.1 * width, yy), (0.95 * width, yy - rng.uniform(0, 0.15) * height)],
+                  fill=(*colour, 255), width=pen)
+    return layer
+
+
+def _logo_layer(size: int, colour: tuple[int, int, int], rng: np.random.Generator) -> tuple[Image.Image, str]:
+    """A stamp/logo: circle, ring, rounded box or banner with short text."""
+    size = max(16, size)
+    shape = str(rng.choice(("circle", "ring", "box", "banner")))
+    text = _name(rng).upper()[: int(rng.integers(2, 8))] if rng.random() < 0.6 else random_text(rng)
+    if shape == "banner":
+        font, _ = _pick_font(rng, size * 0.45)
+        text_img = _text_layer(text, font, colour, rng, outline=False)
+        w, h = text_img.width + size // 2, max(text_img.height + size // 5, size // 2)
+        layer = Image.new("RGBA", (w, h), (0, 0, 0, 0))
+        draw = ImageDraw.Draw(layer)
+        back = (0, 0, 0) if sum(colour) > 380 else (255, 255, 255)
+        draw.rectangle((0, 0, w - 1, h - 1), fill=(*back, int(rng.integers(90, 200))))
+        layer.alpha_composite(text_img, ((w - text_img.width) // 2, (h - text_img.height) // 2))
+        return layer, shape
+    layer = Image.new("RGBA", (size, size), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    line = max(2, size // 18)
+    if shape == "circle":
+        draw.ellipse((0, 0, size - 1, size - 1), fill=(*colour, 255))
+        ink = (0, 0, 0) if sum(colour) > 380 else (255, 255, 255)
+    elif shape == "ring":
+        draw.ellipse((0, 0, size - 1, size - 1), outline=(*colour, 255), width=line)
+        inner = size // 7
+        draw.ellipse((inner, inner, size - 1 - inner, size - 1 - inner), outline=(*colour, 255), width=max(1, line // 2))
+        ink = colour
+    else:
+        draw.rounded_rectangle((0, 0, size - 1, size - 1), radius=size // 6, outline=(*colour, 255), width=line)
+        ink = colour
+    font, _ = _pick_font(rng, size * (0.5 if len(text) <= 3 else 0.9 / max(1, len(text)) * 1.6))
+    text_img = _text_layer(text, font, ink, rng, outline=False)
+    if text_img.width > size * 0.85:
+        scale = size * 0.85 / text_img.width
+        text_img = text_img.resize((max(1, int(text_img.width * scale)), max(1, int(text_img.height * scale))))
+    layer.alpha_composite(text_img, ((size - text_img.width) // 2, (size - text_img.height) // 2))
+    return layer, shape
+
+
+def _rotate(layer: Image.Image, degrees: float) -> Image.Image:
+    return layer if abs(degrees) < 0.5 else layer.rotate(degrees, resample=Image.BICUBIC, expand=True)
+
+
+def _corner_xy(rng: np.random.Generator, W: int, H: int, w: int, h: int) -> tuple[int, int, str]:
+    where = str(rng.choice(("bottom-right", "bottom-left", "top-right", "top-left", "bottom-centre")))
+    mx, my = int(W * rng.uniform(0.01, 0.05)), int(H * rng.uniform(0.01, 0.05))
+    x = {"right": W - w - mx, "left": mx, "centre": (W - w) // 2}[where.split("-")[1]]
+    y = H - h - my if where.startswith("bottom") else my
+    return max(0, x), max(0, y), where
+
+
+def add_watermark(img: Image.Image, rng: np.random.Generator, kind: str | None = None,
+                  strength: str | None = None) -> tuple[Image.Image, dict[str, Any]]:
+    """Return (RGB copy of ``img`` with one synthetic watermark, metadata describing it).
+
+    Sizes are relative to the image, so the mark looks the same at any resolution; apply
+    :func:`augment_like_reddit` afterwards to get what a viewer would download.
+    """
+    kind = kind or str(rng.choice(KINDS))
+    if kind not in KINDS:
+        raise ValueError(f"unknown watermark kind {kind!r}; one of {KINDS}")
+    strength = strength or ("faint" if rng.random() < 0.5 else "strong")
+    if strength not in STRENGTHS:
+        raise ValueError(f"unknown strength {strength!r}; one of {STRENGTHS}")
+    base = img.convert("RGB")
+    W, H = base.size
+    short = min(W, H)
+    lo, hi = FAINT_OPACITY if strength == "faint" else STRONG_OPACITY
+    opacity = float(rng.uniform(lo, hi))
+    colour = _colour(rng)
+    overlay = Image.new("RGBA", (W, H), (0, 0, 0, 0))
+    meta: dict[str, Any] = {"kind": kind, "strength": strength, "opacity": round(opacity, 3), "colour": colour}
+    outline = strength == "strong" and rng.random() < 0.35
+
+    if kind == "corner":
+        height = int(short * rng.uniform(0.025, 0.07))
+        if rng.random() < 0.2:
+            layer = _signature_layer(int(height * 1.8), colour, rng)
+            meta.update(mark="signature", font=None, text=None)
+        else:
+            font, fname = _pick_font(rng, height)
+            text = random_text(rng)
+            layer = _text_layer(text, font, colour, rng, outline)
+            meta.update(mark="text", font=fname, text=text)
+        if layer.width > W * 0.6:
+            s = W * 0.6 / layer.width
+            layer = layer.resize((max(1, int(layer.width * s)), max(1, int(layer.height * s))))
+        layer = _rotate(layer, float(rng.choice((0.0, 0.0, 0.0, rng.uniform(-12, 12), 90.0))))
+        x, y, where = _corner_xy(rng, W, H, layer.width, layer.height)
+        overlay.alpha_composite(layer, (x, y))
+        meta.update(position=where, bbox=(x, y, x + layer.width, y + layer.height))
+    elif kind == "centre":
+        height = int(short * rng.uniform(0.06, 0.16))
+        font, fname = _pick_font(rng, height)
+        text = random_text(rng)
+        layer = _text_layer(text, font, colour, rng, outline)
+        if layer.width > W * 0.9:
+            s = W * 0.9 / layer.width
+            layer = layer.resize((max(1, int(layer.width * s)), max(1, int(layer.height * s))))
+        layer = _rotate(layer, float(rng.uniform(-35, 35)) if rng.random() < 0.5 else 0.0)
+        x = int((W - layer.width) / 2 + rng.uniform(-0.08, 0.08) * W)
+        y = int((H - layer.height) / 2 + rng.uniform(-0.08, 0.08) * H)
+        x, y = max(0, min(x, W - layer.width)), max(0, min(y, H - layer.height))
+        piece, dest = _clip_paste(layer, x, y, W, H)
+        overlay.alpha_composite(piece, dest)
+        meta.update(mark="text", font=fname, text=text, position="centre",
+                    bbox=(x, y, x + layer.width, y + layer.height))
+    elif kind == "tiled":
+        height = int(short * rng.uniform(0.025, 0.07))
+        font, fname = _pick_font(rng, height)
+        text = random_text(rng)
+        angle = float(rng.choice((0.0, rng.uniform(-45, 45), 30.0, -30.0)))
+        layer = _rotate(_text_layer(text, font, colour, rng, outline=False), angle)
+        step_x = int(layer.width * rng.uniform(1.2, 2.2)) + 1
+        step_y = int(layer.height * rng.uniform(1.5, 3.5)) + 1
+        count = 0
+        for row, y in enumerate(range(-layer.height // 2, H, step_y)):
+            shift = (step_x // 2) if row % 2 else 0
+            for x in range(-layer.width // 2 - shift, W, step_x):
+                piece, dest = _clip_paste(layer, x, y, W, H)
+                overlay.alpha_composite(piece, dest)
+                count += 1
+        meta.update(mark="text", font=fname, text=text, position="tiled", angle=round(angle, 1), tiles=count,
+                    bbox=(0, 0, W, H))
+    else:  # logo
+        size = int(short * rng.uniform(0.08, 0.2))
+        layer, shape = _logo_layer(size, colour, rng)
+        if layer.width > W * 0.7:
+            s = W * 0.7 / layer.width
+            layer = layer.resize((max(1, int(layer.width * s)), max(1, int(layer.height * s))))
+        if rng.random() < 0.3:
+            layer = _rotate(layer, float(rng.uniform(-25, 25)))
+        if rng.random() < 0.7:
+            x, y, where = _corner_xy(rng, W, H, layer.width, layer.height)
+        else:
+            x, y, where = (W - layer.width) // 2, (H - layer.height) // 2, "centre"
+        overlay.alpha_composite(layer, (x, y))
+        meta.update(mark=shape, font=None, text=None, position=where, bbox=(x, y, x + layer.width, y + layer.height))
+
+    alpha = overlay.getchannel("A").point(lambda a: int(a * opacity + 0.5))
+    overlay.putalpha(alpha)
+    out = base.convert("RGBA")
+    out.alpha_composite(overlay)
+    return out.convert("RGB"), meta
+
+
+def _clip_paste(layer: Image.Image, x: int, y: int, W: int, H: int) -> tuple[Image.Image, tuple[int, int]]:
+    """alpha_composite needs a non-negative destination: crop the part of ``layer`` inside the canvas."""
+    left, top = max(0, -x), max(0, -y)
+    right, bottom = min(layer.width, W - x), min(layer.height, H - y)
+    if right <= left or bottom <= top:
+        return Image.new("RGBA", (1, 1), (0, 0, 0, 0)), (0, 0)
+    return layer.crop((left, top, right, bottom)), (x + left, y + top)
+
+
+def augment_like_reddit(img: Image.Image, rng: np.random.Generator, long_side: tuple[int, int] = (640, 2048),
+                        quality: tuple[int, int] = (60, 95)) -> tuple[Image.Image, dict[str, Any]]:
+    """Resize (long side drawn from ``long_side``, never upscaled) and recompress as JPEG, like Reddit previews."""
+    target = int(rng.integers(long_side[0], long_side[1] + 1))
+    q = int(rng.integers(quality[0], quality[1] + 1))
+    img = img.convert("RGB")
+    W, H = img.size
+    scale = min(1.0, target / max(W, H))
+    if scale < 1.0:
+        img = img.resize((max(1, round(W * scale)), max(1, round(H * scale))), Image.BILINEAR, reducing_gap=2.0)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=q)
+    buf.seek(0)
+    out = Image.open(buf)
+    out.load()
+    return out.convert("RGB"), {"long_side": max(out.size), "jpeg_quality": q}
+
+
+def make_example(img: Image.Image, rng: np.random.Generator, positive: bool, kind: str | None = None,
+                 strength: str | None = None) -> tuple[Image.Image, dict[str, Any]]:
+    """One training/evaluation example: optionally watermarked, always served-like (resize + JPEG)."""
+    meta: dict[str, Any] = {"label": int(positive)}
+    if positive:
+        img, wm = add_watermark(img, rng, kind=kind, strength=strength)
+        meta.update(wm)
+    else:
+        meta.update(kind="clean", strength="none")
+    img, aug = augment_like_reddit(img, rng)
+    meta.update(aug)
+    return img, meta
