@@ -33,8 +33,6 @@ from mining.settings import Settings
 
 INDEX_FORMAT = 1
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-# Pairs of (query rows x gallery rows) compared at once: bounds the temporary matrices.
-_BLOCK_CELLS = 1 << 22
 
 Hashes = tuple[str, str]  # (phash hex, mirrored phash hex)
 
@@ -97,12 +95,12 @@ def pack(hex_hashes: Sequence[str], hash_size: int) -> np.ndarray:
     """Hex hashes -> (n, words) uint64 array (zero padded to whole words; padding never differs)."""
     nbytes = hash_nbytes(hash_size)
     words = (nbytes + 7) // 8
+    bad = next((h for h in hex_hashes if not isinstance(h, str) or len(h) != 2 * nbytes), None)
+    if bad is not None:
+        raise ValueError(f"hash {bad!r} is not a {hash_size}x{hash_size}-bit hex hash")
+    raw = np.frombuffer(bytes.fromhex("".join(hex_hashes)), dtype=np.uint8).reshape(len(hex_hashes), nbytes)
     buf = np.zeros((len(hex_hashes), words * 8), dtype=np.uint8)
-    for i, h in enumerate(hex_hashes):
-        raw = bytes.fromhex(h)
-        if len(raw) != nbytes:
-            raise ValueError(f"hash {h!r} has {len(raw) * 8} bits, the index holds {hash_size}x{hash_size}-bit hashes")
-        buf[i, :nbytes] = np.frombuffer(raw, dtype=np.uint8)
+    buf[:, :nbytes] = raw
     return buf.view(np.uint64)
 
 
@@ -119,11 +117,17 @@ if hasattr(np, "bitwise_count"):  # numpy >= 2
     def _popcount(x: np.ndarray) -> np.ndarray:
         return np.bitwise_count(x)
 
+    def _popcount_into(x: np.ndarray, out: np.ndarray) -> None:
+        np.bitwise_count(x, out=out)
+
 else:  # pragma: no cover - numpy 1.x fallback: a byte lookup table
     _TABLE = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
     def _popcount(x: np.ndarray) -> np.ndarray:
         return _TABLE[x.view(np.uint8)].reshape(*x.shape, 8).sum(axis=-1, dtype=np.uint8)
+
+    def _popcount_into(x: np.ndarray, out: np.ndarray) -> None:
+        out[:] = _popcount(x)
 
 
 def distances(queries: np.ndarray, gallery: np.ndarray) -> np.ndarray:
@@ -131,6 +135,19 @@ def distances(queries: np.ndarray, gallery: np.ndarray) -> np.ndarray:
     if gallery.shape[1] == 1:  # 64-bit hashes: one word, nothing to reduce
         return _popcount(queries[:, :1] ^ gallery[:, 0][None, :]).astype(np.int32)
     return _popcount(queries[:, None, :] ^ gallery[None, :, :]).sum(axis=-1, dtype=np.int32)
+
+
+def _check_shas(shas: Sequence[str]) -> None:
+    """All lowercase 64-hex-digit strings (checked in bulk: galleries can be large)."""
+    try:
+        joined = "".join(shas)
+        ok = (all(len(s) == 64 for s in shas) and joined == joined.lower()
+              and len(bytes.fromhex(joined)) == 32 * len(shas))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        bad = next((s for s in shas if not isinstance(s, str) or not _SHA_RE.match(s)), shas)
+        raise ValueError(f"not a lowercase hex sha256: {bad!r}")
 
 
 # ---- the gallery index ----------------------------------------------------------------
@@ -147,8 +164,12 @@ class GalleryIndex:
             raise ValueError(f"hash_size must be >= 4, got {hash_size}")
         self.hash_size = hash_size
         self.words = (hash_nbytes(hash_size) + 7) // 8
-        self._ph = np.zeros((0, self.words), dtype=np.uint64)
-        self._mi = np.zeros((0, self.words), dtype=np.uint64)
+        # Word-major (words, capacity): each word of every entry is one contiguous run, so a
+        # scan is a few whole-array XOR + popcount passes into preallocated buffers.
+        self._ph = np.zeros((self.words, 0), dtype=np.uint64)
+        self._mi = np.zeros((self.words, 0), dtype=np.uint64)
+        self._dtype = np.uint8 if hash_bits(hash_size) <= 255 else np.uint16
+        self._buffers: tuple[np.ndarray, ...] | None = None
         self._n = 0
         self._shas: list[str] = []
         self._origins: list[str | None] = []
@@ -216,10 +237,10 @@ class GalleryIndex:
 
     def phash_of(self, sha256: str) -> Hashes:
         i = self._pos[sha256]
-        return self._hex_row(self._ph[i]), self._hex_row(self._mi[i])
+        return self._hex_row(self._ph[:, i]), self._hex_row(self._mi[:, i])
 
     def _hex_row(self, row: np.ndarray) -> str:
-        return row.view(np.uint8)[: hash_nbytes(self.hash_size)].tobytes().hex()
+        return np.ascontiguousarray(row).view(np.uint8)[: hash_nbytes(self.hash_size)].tobytes().hex()
 
     # -- incremental updates -------------------------------------------------------------
     def add(self, sha256: str, phash: str, phash_mirror: str, origin: str | None = None) -> bool:
@@ -232,30 +253,31 @@ class GalleryIndex:
         origins = list(origins) if origins is not None else [None] * len(shas)
         if not (len(shas) == len(phashes) == len(mirrors) == len(origins)):
             raise ValueError("shas, phashes, mirrors and origins differ in length")
-        keep, seen = [], set()
+        _check_shas(shas)
+        first: dict[str, int] = {}
         for i, sha in enumerate(shas):
-            if not isinstance(sha, str) or not _SHA_RE.match(sha):
-                raise ValueError(f"not a lowercase hex sha256: {sha!r}")
-            if sha not in self._pos and sha not in seen:
-                keep.append(i)
-                seen.add(sha)
+            if sha not in self._pos:
+                first.setdefault(sha, i)
+        keep = list(first.values())
         if not keep:
             return 0
-        ph = pack([phashes[i] for i in keep], self.hash_size)
-        mi = pack([mirrors[i] for i in keep], self.hash_size)
+        everything = len(keep) == len(shas)
+        ph = pack(phashes if everything else [phashes[i] for i in keep], self.hash_size)
+        mi = pack(mirrors if everything else [mirrors[i] for i in keep], self.hash_size)
         need = self._n + len(keep)
-        if need > self._ph.shape[0]:
-            cap = max(need, 2 * self._ph.shape[0], 64)
+        if need > self._ph.shape[1]:
+            cap = max(need, 2 * self._ph.shape[1], 64)
             for name in ("_ph", "_mi"):
-                grown = np.zeros((cap, self.words), dtype=np.uint64)
-                grown[: self._n] = getattr(self, name)[: self._n]
+                grown = np.zeros((self.words, cap), dtype=np.uint64)
+                grown[:, : self._n] = getattr(self, name)[:, : self._n]
                 setattr(self, name, grown)
-        self._ph[self._n: need] = ph
-        self._mi[self._n: need] = mi
+            self._buffers = None
+        self._ph[:, self._n: need] = ph.T
+        self._mi[:, self._n: need] = mi.T
         for j, i in enumerate(keep):
             self._pos[shas[i]] = self._n + j
-            self._shas.append(shas[i])
-            self._origins.append(origins[i])
+        self._shas.extend(shas[i] for i in keep)
+        self._origins.extend(origins[i] for i in keep)
         self._n = need
         return len(keep)
 
@@ -278,25 +300,42 @@ class GalleryIndex:
         The distance to an entry is the smaller of the distances to its pHash and to its
         mirrored pHash; ties go to the entry added first (deterministic).
         """
-        single = isinstance(phashes, str)
-        q = pack([phashes] if single else list(phashes), self.hash_size)
+        q = pack([phashes] if isinstance(phashes, str) else list(phashes), self.hash_size)
+        worst = hash_bits(self.hash_size) + 1
         best = np.full(q.shape[0], -1, dtype=np.int64)
-        dist = np.full(q.shape[0], hash_bits(self.hash_size) + 1, dtype=np.int32)
+        dist = np.full(q.shape[0], worst, dtype=np.int32)
         if self._n and q.shape[0]:
             mask = self._mask(exclude_shas, excluding_origins)
-            ph, mi = self._ph[: self._n], self._mi[: self._n]
-            rows = max(1, _BLOCK_CELLS // max(1, self._n * self.words))
-            for start in range(0, q.shape[0], rows):
-                block = q[start: start + rows]
-                d = np.minimum(distances(block, ph), distances(block, mi))
+            for k in range(q.shape[0]):
+                d = self._scan(q[k])
                 if mask is not None:
-                    d[:, mask] = hash_bits(self.hash_size) + 1
-                arg = d.argmin(axis=1)
-                best[start: start + rows] = arg
-                dist[start: start + rows] = d[np.arange(len(block)), arg]
-            if mask is not None:
-                best[dist > hash_bits(self.hash_size)] = -1
+                    d[mask] = np.iinfo(self._dtype).max
+                arg = int(d.argmin())
+                if mask is None or not mask[arg]:
+                    best[k], dist[k] = arg, int(d[arg])
         return best, dist
+
+    def _scan(self, q: np.ndarray) -> np.ndarray:
+        """Distances from one packed query to every entry: min over (pHash, mirror), in a reused buffer."""
+        n = self._n
+        if self._buffers is None or self._buffers[0].shape[0] < n:
+            cap = self._ph.shape[1]
+            self._buffers = (np.empty(cap, np.uint64), np.empty(cap, np.uint8),
+                             np.empty(cap, self._dtype), np.empty(cap, self._dtype))
+        xor, cnt, dp, dm = (b[:n] for b in self._buffers)
+        for arr, acc in ((self._ph, dp), (self._mi, dm)):
+            for w in range(self.words):
+                np.bitwise_xor(arr[w, :n], q[w], out=xor)
+                if w == 0 and acc.dtype == cnt.dtype:
+                    _popcount_into(xor, acc)
+                    continue
+                _popcount_into(xor, cnt)
+                if w == 0:
+                    acc[:] = cnt
+                else:
+                    acc += cnt
+        np.minimum(dp, dm, out=dp)
+        return dp
 
     def nearest(self, phash: str, phash_mirror: str | None = None, *, exclude_sha: str | None = None,
                 excluding_origins: Iterable[str] | None = None) -> tuple[str, int] | None:
@@ -322,7 +361,7 @@ class GalleryIndex:
         arrays = {
             "format": np.array([INDEX_FORMAT, self.hash_size], dtype=np.int64),
             "sha256": np.frombuffer(bytes.fromhex("".join(self._shas)), dtype=np.uint8).reshape(self._n, 32),
-            "phash": self._ph[: self._n], "phash_mirror": self._mi[: self._n],
+            "phash": self._ph[:, : self._n], "phash_mirror": self._mi[:, : self._n],  # (words, n)
             "origin_blob": np.frombuffer(blob, dtype=np.uint8), "origin_ends": ends,
             "has_origin": np.array([o is not None for o in self._origins], dtype=bool),
         }
@@ -353,8 +392,8 @@ class GalleryIndex:
                 origins.append(blob[start:end].decode() if present else None)
                 start = end
             n = len(shas)
-            index._ph = np.ascontiguousarray(data["phash"], dtype=np.uint64).reshape(n, index.words)
-            index._mi = np.ascontiguousarray(data["phash_mirror"], dtype=np.uint64).reshape(n, index.words)
+            index._ph = np.ascontiguousarray(data["phash"], dtype=np.uint64).reshape(index.words, n)
+            index._mi = np.ascontiguousarray(data["phash_mirror"], dtype=np.uint64).reshape(index.words, n)
         index._n = n
         index._shas = shas
         index._origins = origins

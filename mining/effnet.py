@@ -117,12 +117,14 @@ class _StateDictUnpickler(pickle.Unpickler):
         return self.storages[key]
 
 
-def read_checkpoint(path: Path) -> dict[str, np.ndarray]:
-    """A .pth state dict as {name: numpy array}, both the legacy and the zip format."""
-    path = Path(path)
-    if zipfile.is_zipfile(path):
-        return _read_zip(path)
-    with open(path, "rb") as fh:
+def read_checkpoint(src: Path | str | bytes) -> dict[str, np.ndarray]:
+    """A .pth state dict (file or bytes) as {name: numpy array}, legacy or zip format."""
+    fh: BinaryIO = io.BytesIO(src) if isinstance(src, bytes | bytearray) else open(src, "rb")
+    with fh:
+        if zipfile.is_zipfile(fh):
+            fh.seek(0)
+            return _read_zip(fh)
+        fh.seek(0)
         return _read_legacy(fh)
 
 
@@ -159,9 +161,9 @@ def _read_legacy(fh: BinaryIO) -> dict[str, np.ndarray]:
     return _finish(obj)
 
 
-def _read_zip(path: Path) -> dict[str, np.ndarray]:
+def _read_zip(fh: BinaryIO) -> dict[str, np.ndarray]:
     """Zip format (torch >= 1.6): <root>/data.pkl plus one raw file per storage."""
-    with zipfile.ZipFile(path) as zf:
+    with zipfile.ZipFile(fh) as zf:
         pkl = next((n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
         if pkl is None:
             raise CheckpointError("zip checkpoint without data.pkl")
@@ -316,7 +318,7 @@ def build_onnx(weights: dict[str, np.ndarray], with_logits: bool = True, metadat
     return model
 
 
-def convert(checkpoint: Path, out: Path | None = None, with_logits: bool = True,
+def convert(checkpoint: Path | bytes, out: Path | None = None, with_logits: bool = True,
             metadata: dict[str, str] | None = None) -> bytes:
     """Checkpoint file -> serialized ONNX bytes (written to ``out`` atomically when given)."""
     model = build_onnx(read_checkpoint(checkpoint), with_logits=with_logits, metadata=metadata)

@@ -31,6 +31,9 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -70,6 +73,19 @@ def l2_normalise(X: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(X, axis=1, keepdims=True)
     norms[norms == 0] = 1.0
     return X / norms
+
+
+@contextmanager
+def _blas_threads(work: float) -> Iterator[None]:
+    """One BLAS thread for small problems: on a busy 2-core box, threads spinning over tiny
+    matrices were measured 10-100x slower than one thread (e.g. 48x48 triangular solves)."""
+    if work >= 2e8:
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
 
 
 def _chunk_rows(row_bytes: int) -> int:
@@ -145,25 +161,37 @@ class KnnCosineModel(NoveltyModel):
     """Mean cosine similarity to the k nearest liked embeddings.
 
     Works from a few liked images on (measured AUROC about 0.95 on ~60 photos where a GMM is at
-    chance). Scoring is a chunked float32 matmul, so memory is O(chunk x gallery), never
-    O(queries x gallery).
+    chance). With a ``center`` (the mean of the unlabelled stream, i.e. what is typically posted),
+    cosines are taken after subtracting it: CNN features share a large common direction, and
+    measuring similarity relative to the background raised held-out AUROC on the shared photos from
+    0.951 to 0.964 (mean of 5 seeds). Scoring is a chunked float32 matmul, so memory is
+    O(chunk x gallery), never O(queries x gallery).
     """
 
     kind: ClassVar[str] = "knn"
 
-    def __init__(self, k: int = 5) -> None:
+    def __init__(self, k: int = 5, center: np.ndarray | None = None) -> None:
         if k < 1:
             raise ValueError("knn k must be >= 1")
-        self.params = {"k": int(k)}
+        self.params = {"k": int(k), "centered": center is not None}
+        self.center = None if center is None else np.asarray(center, dtype=np.float32).reshape(-1)
         self.gallery: np.ndarray | None = None
         self.dim = None
 
+    def _prepare(self, X: np.ndarray) -> np.ndarray:
+        Z = l2_normalise(X)
+        if self.center is not None:
+            Z = l2_normalise(Z - self.center)
+        return Z
+
     def fit(self, X: np.ndarray) -> KnnCosineModel:
-        G = l2_normalise(X)
-        if len(G) == 0:
-            raise NoveltyModelError("cannot fit a knn model on an empty gallery")
-        self.gallery = np.ascontiguousarray(G)
-        self.dim = G.shape[1]
+        X = np.asarray(X)
+        if X.ndim != 2 or len(X) == 0:
+            raise NoveltyModelError(f"cannot fit a knn model on embeddings of shape {X.shape}")
+        if self.center is not None and self.center.shape[0] != X.shape[1]:
+            raise ValueError(f"knn center has dim {self.center.shape[0]}, embeddings {X.shape[1]}")
+        self.gallery = np.ascontiguousarray(self._prepare(X))
+        self.dim = X.shape[1]
         return self
 
     def score(self, X: np.ndarray, exclude_self: bool = False) -> np.ndarray:
@@ -175,26 +203,33 @@ class KnnCosineModel(NoveltyModel):
         out = np.empty(len(X), dtype=np.float64)
         step = _chunk_rows(4 * n_g)
         for a in range(0, len(X), step):
-            q = l2_normalise(X[a:a + step])
-            sims = q @ G.T  # [chunk, n_g] float32
+            sims = self._prepare(X[a:a + step]) @ G.T  # [chunk, n_g] float32
             if exclude_self:
                 # an identical vector is the same image: leave it out (leave-one-out scoring)
                 sims[sims >= 1.0 - 1e-5] = -np.inf
             k = min(self.params["k"], n_g)
             top = np.partition(sims, n_g - k, axis=1)[:, n_g - k:] if k < n_g else sims
-            top = np.where(np.isfinite(top), top, np.nan)
-            with np.errstate(invalid="ignore"):
-                mean = np.nanmean(top.astype(np.float64), axis=1) if exclude_self else top.mean(axis=1, dtype=np.float64)
-            out[a:a + step] = np.nan_to_num(mean, nan=-1.0)
+            if exclude_self:
+                top = np.where(np.isfinite(top), top, np.nan)
+                with np.errstate(invalid="ignore"), warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    mean = np.nanmean(top.astype(np.float64), axis=1)
+                out[a:a + step] = np.nan_to_num(mean, nan=-1.0)
+            else:
+                out[a:a + step] = top.mean(axis=1, dtype=np.float64)
         return out
 
     def arrays(self) -> dict[str, np.ndarray]:
         assert self.gallery is not None
-        return {"gallery": self.gallery}
+        arrs = {"gallery": self.gallery}
+        if self.center is not None:
+            arrs["center"] = self.center
+        return arrs
 
     @classmethod
     def from_arrays(cls, params: dict[str, Any], arrays: dict[str, np.ndarray]) -> KnnCosineModel:
-        model = cls(k=params["k"])
+        model = cls(k=params["k"], center=arrays.get("center"))
+        model.params = dict(params)
         model.gallery = np.ascontiguousarray(arrays["gallery"], dtype=np.float32)
         model.dim = model.gallery.shape[1]
         return model
@@ -247,13 +282,16 @@ class GmmModel(NoveltyModel):
         if dims or n <= d:
             dims = max(1, min(dims or d, d, n - 1))
             mean = Z.mean(axis=0, dtype=np.float64)
-            cov = np.zeros((d, d), dtype=np.float64)
-            for a in range(0, n, _chunk_rows(8 * d)):
-                c = Z[a:a + _chunk_rows(8 * d)].astype(np.float64) - mean
-                cov += c.T @ c
-            cov /= max(1, n - 1)
-            _, vecs = np.linalg.eigh(cov)
-            comps = vecs[:, ::-1][:, :dims]
+            if n <= d:  # few points: SVD of the small centred matrix beats a d x d eigenproblem
+                _, _, vt = np.linalg.svd(Z.astype(np.float64) - mean, full_matrices=False)
+                comps = vt[:dims].T
+            else:  # d x d covariance accumulated in chunks: no float64 copy of the whole matrix
+                cov = np.zeros((d, d), dtype=np.float64)
+                for a in range(0, n, _chunk_rows(8 * d)):
+                    c = Z[a:a + _chunk_rows(8 * d)].astype(np.float64) - mean
+                    cov += c.T @ c
+                _, vecs = np.linalg.eigh(cov / max(1, n - 1))
+                comps = vecs[:, ::-1][:, :dims]
             # fix the sign of each component so refits are reproducible
             signs = np.sign(comps[np.abs(comps).argmax(axis=0), np.arange(dims)])
             comps = comps * np.where(signs == 0, 1.0, signs)
@@ -267,7 +305,8 @@ class GmmModel(NoveltyModel):
             Y = np.concatenate([Y, Y])  # sklearn needs >= 2 samples; one point is its own mixture
         gmm = GaussianMixture(n_components=n_comp, covariance_type=p["covariance_type"], reg_covar=p["reg_covar"],
                               max_iter=p["max_iter"], random_state=p["seed"])
-        gmm.fit(Y)
+        with _blas_threads(len(Y) * Y.shape[1] ** 2):
+            gmm.fit(Y)
         self.gmm = gmm
         self.params = {**p, "n_components_fitted": int(n_comp), "pca_dims_fitted": int(Y.shape[1])}
         return self
@@ -277,8 +316,10 @@ class GmmModel(NoveltyModel):
         self._check_dim(X)
         out = np.empty(len(X), dtype=np.float64)
         step = _chunk_rows(8 * max(self.dim or 1, 1) * 4)
-        for a in range(0, len(X), step):
-            out[a:a + step] = self.gmm.score_samples(self._project(X[a:a + step]))
+        p = self.gmm.means_.shape[1]
+        with _blas_threads(len(X) * p * p * len(self.gmm.weights_)):
+            for a in range(0, len(X), step):
+                out[a:a + step] = self.gmm.score_samples(self._project(X[a:a + step]))
         return out
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -323,10 +364,14 @@ class GmmModel(NoveltyModel):
 _MODEL_TYPES: dict[str, type[NoveltyModel]] = {"knn": KnnCosineModel, "gmm": GmmModel}
 
 
-def make_model(kind: str, settings: Settings, seed: int = 0) -> NoveltyModel:
-    """A fresh, unfitted model of ``kind`` configured from settings."""
+def make_model(kind: str, settings: Settings, seed: int = 0, background: np.ndarray | None = None) -> NoveltyModel:
+    """A fresh, unfitted model of ``kind`` configured from settings.
+
+    ``background``: mean embedding of the unlabelled stream; the kNN model measures cosine
+    relative to it (the GMM's PCA centres on its own).
+    """
     if kind == "knn":
-        return KnnCosineModel(k=settings.novelty_knn_k)
+        return KnnCosineModel(k=settings.novelty_knn_k, center=background)
     if kind == "gmm":
         return GmmModel(n_components=settings.novelty_gmm_components,
                         covariance_type=settings.novelty_gmm_covariance,
@@ -383,11 +428,12 @@ def _folds(n: int, rng: np.random.Generator) -> list[np.ndarray]:
     return [np.sort(f) for f in np.array_split(perm, k)]
 
 
-def _fit_on(kind: str, settings: Settings, X: np.ndarray, rows: np.ndarray, seed: int) -> NoveltyModel:
+def _fit_on(kind: str, settings: Settings, X: np.ndarray, rows: np.ndarray, seed: int,
+            background: np.ndarray | None) -> NoveltyModel:
     """Fit on at most novelty_max_fit_rows of ``rows`` (a seeded sample) to bound time and memory."""
     rng = np.random.default_rng(seed + 7)
     use = rows[_sample(len(rows), settings.novelty_max_fit_rows, rng)]
-    return make_model(kind, settings, seed).fit(_take(X, use))
+    return make_model(kind, settings, seed, background).fit(_take(X, use))
 
 
 def _quantile_threshold(scores: np.ndarray, keep: float) -> float:
@@ -395,7 +441,7 @@ def _quantile_threshold(scores: np.ndarray, keep: float) -> float:
     s = np.sort(np.asarray(scores, dtype=np.float64))
     if len(s) == 0:
         raise NoveltyModelError("no scores to calibrate a threshold on")
-    drop = int(math.floor((1.0 - keep) * len(s) + 1e-9))
+    drop = math.floor((1.0 - keep) * len(s) + 1e-9)
     return float(s[min(drop, len(s) - 1)])
 
 
@@ -437,6 +483,7 @@ def fit_and_select(liked: np.ndarray, unlabelled: np.ndarray | None, settings: S
     have_stream = stream_rows is not None
     assert unlabelled is not None or not have_stream
     stream = _take(unlabelled, stream_rows) if have_stream else None  # type: ignore[arg-type]
+    background = stream.mean(axis=0) if stream is not None else None
 
     rule_kind = "knn" if n < settings.novelty_gmm_min_gallery else "gmm"
     if len(kinds) == 1:
@@ -455,7 +502,7 @@ def fit_and_select(liked: np.ndarray, unlabelled: np.ndarray | None, settings: S
         if len(train) == 0:
             continue
         for kind in candidates:
-            model = _fit_on(kind, settings, liked, train, seed + i)
+            model = _fit_on(kind, settings, liked, train, seed + i, background)
             s_held = _score_rows(model, liked, held)
             oof[kind].append(s_held)
             if stream is not None:
@@ -470,7 +517,7 @@ def fit_and_select(liked: np.ndarray, unlabelled: np.ndarray | None, settings: S
         reason = "only_kind" if len(kinds) == 1 else "size_rule"
 
     held_scores = np.concatenate(oof[chosen])
-    model = _fit_on(chosen, settings, liked, all_rows, seed)
+    model = _fit_on(chosen, settings, liked, all_rows, seed, background)
     stream_scores = model.score(stream) if stream is not None else None
     if settings.novelty_target_acceptance is not None and stream_scores is not None:
         threshold = _quantile_threshold(stream_scores, settings.novelty_target_acceptance)
@@ -499,7 +546,7 @@ def fit_and_select(liked: np.ndarray, unlabelled: np.ndarray | None, settings: S
     fitted = FittedNovelty(model=model, version=_version_id(chosen, model, params, created), kind=chosen,
                            params=params, train_size=used, metrics=metrics, threshold=threshold,
                            created_at=created.isoformat(), embedder=embedder or settings.embedder, dim=d)
-    log.info("novelty: chose %s (%s) on %d liked, threshold %.4f, metrics %s", chosen, reason, n, threshold, metrics)
+    log.debug("novelty: chose %s (%s) on %d liked, threshold %.4f, metrics %s", chosen, reason, n, threshold, metrics)
     return fitted
 
 

@@ -211,6 +211,8 @@ class RedditClient:
     """Reddit listings over OAuth (client credentials) or anonymous JSON.
 
     One client (and its budget) serves a whole run; pass ``budget`` to share it wider.
+    Not thread-safe: give each thread its own client (the budget is shared through the
+    state file, or pass one ``RequestBudget`` to all of them).
     """
 
     def __init__(self, settings: Settings, budget: RequestBudget | None = None,
@@ -223,6 +225,7 @@ class RedditClient:
         self.session = session or requests.Session()
         self.session.headers["User-Agent"] = settings.user_agent
         self.requests_sent = 0
+        self._last_network_error = ""
         self._token: str | None = None
         self._token_expires = 0.0
         self._rng = random.Random()
@@ -295,8 +298,6 @@ class RedditClient:
             attempt += 1
 
     # -- transport -----------------------------------------------------------------
-    _last_network_error = ""
-
     def _send(self, method: str, url: str, what: str, **kwargs: Any) -> requests.Response | None:
         """One budgeted request; None on a network error (recorded, never with secrets)."""
         self.budget.acquire()

@@ -91,6 +91,8 @@ class Settings:
     download_deadline_s: float = 60.0
     max_redirects: int = 5
     # -- links/download extra settings (helper: download) --
+    imgur_api_url: str = "https://api.imgur.com/3"  # tests point it at the local server
+    flickr_api_url: str = "https://api.flickr.com/services/rest/"
 
     # Models and scoring
     embedder: str = "efficientnet-lite0"
@@ -102,6 +104,7 @@ class Settings:
     watermark_threshold: float | None = None  # None: the trained detector's calibrated threshold
     watermark_on_all: bool = False
     # -- models/embed extra settings (helper: models) --
+    embed_decode_workers: int = 0  # image-decoding threads running ahead of inference; 0: number of cores
     # -- watermark extra settings (helper: watermark) --
     # -- novelty extra settings (helper: novelty) --
     novelty_gmm_components: int = 16  # the original system's mixture size (fewer for tiny galleries)

@@ -1,0 +1,85 @@
+"""`mining watermark train|evaluate|predict`: build and measure the watermark detector."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from mining.settings import load_settings
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("watermark", help="train, evaluate or run the watermark detector")
+    sub = p.add_subparsers(dest="watermark_command", metavar="ACTION", required=True)
+
+    t = sub.add_parser("train", help="train the default detector on synthetic watermarks over clean photos")
+    t.add_argument("--clean", type=Path, required=True, help="folder of clean (unwatermarked) photos")
+    t.add_argument("--out", type=Path, help="output folder (default: <models_dir>/watermark)")
+    t.add_argument("--per-image", type=int, default=8, help="watermarked examples per photo (default 8)")
+    t.add_argument("--clean-per-image", type=int, default=4, help="clean augmented copies per photo (default 4)")
+    t.add_argument("--holdout", type=float, default=0.0,
+                   help="fraction of photos (per folder) kept out of training for `evaluate` (default 0)")
+    t.add_argument("--target-fpr", type=float, default=None, help="false-positive rate the threshold aims at")
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("evaluate", help="AUROC, false positives and per-kind recall on held-out photos")
+    e.add_argument("--clean", type=Path, required=True, help="folder of clean photos (training photos are skipped)")
+    e.add_argument("--per-image", type=int, default=8)
+    e.add_argument("--clean-per-image", type=int, default=4)
+    e.add_argument("--seed", type=int, default=1)
+    e.add_argument("--json", action="store_true", help="print the report as JSON instead of Markdown")
+    e.set_defaults(func=_evaluate)
+
+    r = sub.add_parser("predict", help="print one JSON line per image: path, watermark_prob, watermarked")
+    r.add_argument("paths", nargs="+", type=Path)
+    r.set_defaults(func=_predict)
+
+
+def _progress(done: int, total: int) -> None:
+    if done == total or done % 10 == 0:
+        print(f"  {done}/{total} photos", file=sys.stderr, flush=True)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from mining.watermark import DEFAULT_TARGET_FPR, train
+
+    report = train(load_settings(), args.clean, out=args.out, n_per_image=args.per_image,
+                   neg_per_image=args.clean_per_image, seed=args.seed, holdout=args.holdout,
+                   target_fpr=args.target_fpr if args.target_fpr is not None else DEFAULT_TARGET_FPR,
+                   progress=_progress)
+    summary = report.as_dict()
+    summary["held_out_photos"] = len(report.held_out_photos)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from mining.watermark import evaluate
+
+    report = evaluate(load_settings(), args.clean, n_per_image=args.per_image, neg_per_image=args.clean_per_image,
+                      seed=args.seed, progress=_progress)
+    print(json.dumps(report.as_dict(), indent=2) if args.json else report.markdown())
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from mining.watermark import list_images, load_detector
+
+    detector = load_detector(load_settings())
+    if detector is None:
+        print("mining: no watermark detector: run `mining watermark train --clean DIR`", file=sys.stderr)
+        return 1
+    files: list[Path] = []
+    for p in args.paths:
+        files.extend(list_images(p) if p.is_dir() else [p])
+    probs = detector.predict_paths(files)
+    for path, prob in zip(files, probs, strict=True):
+        if prob != prob:  # NaN: unreadable
+            print(json.dumps({"path": str(path), "error": "unreadable image"}))
+        else:
+            print(json.dumps({"path": str(path), "watermark_prob": round(float(prob), 4),
+                              "watermarked": bool(prob >= detector.threshold), "detector": detector.version}))
+    return 0

@@ -1,0 +1,701 @@
+"""Watermark detection: is this image stamped with text, a signature or a logo?
+
+Two detectors share one interface (:class:`WatermarkDetector`):
+
+* :class:`OnnxClassifierDetector`: the original system's interface: an ONNX classifier
+  on 512x512 RGB, ``x/255``, mean/std 0.5, one logit, sigmoid. For users who have such
+  a model (it cannot be obtained here).
+* :class:`TrainedDetector`, the default: no labelled watermark set or fine-tuned CNN is
+  reachable offline, but a real pretrained text detector is (PP-OCRv4 det, shipped in the
+  ``rapidocr_onnxruntime`` wheel). Its per-pixel text probability map, summarised per
+  region (corners, centre, borders, a tile grid) at a resolution where small corner text
+  survives, feeds a small scikit-learn head trained on watermarks :mod:`mining.synth`
+  stamps over the user's own clean photos. The head is stored as plain arrays (npz) and
+  JSON metadata, never pickle, so loading a model file cannot run code.
+
+Runtime needs onnxruntime, numpy and scikit-learn only; training is ``train()``
+(``mining watermark train --clean DIR``), measurement is ``evaluate()``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from mining.settings import Settings
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+OCR_DET_FILE = "ch_PP-OCRv4_det_infer.onnx"
+FEATURE_VERSION = "textmap-v1"  # the summary of a text map into features
+MAP_VERSION = "ppocrv4-det-maxpool2-u8"  # how a text map is computed
+SYNTH_VERSION = "synth-v1"
+HEAD_FILE = "head.npz"
+META_FILE = "meta.json"
+DEFAULT_TARGET_FPR = 0.03  # calibration aim on clean images, leaving margin under the 5% promise
+
+
+# ----------------------------------------------------------------------------------- interface
+class WatermarkDetector:
+    """Probability that each image carries a watermark; ``>= threshold`` means reject."""
+
+    name: str = "watermark"
+    version: str = "unversioned"
+    threshold: float = 0.5
+
+    def predict(self, images: Sequence[Image.Image]) -> np.ndarray:
+        raise NotImplementedError
+
+    def predict_paths(self, paths: Sequence[Path | str], batch: int = 16) -> np.ndarray:
+        """Probabilities for files, in order; an unreadable file gives NaN, never an exception."""
+        out = np.full(len(paths), np.nan, dtype=np.float64)
+        for start in range(0, len(paths), batch):
+            chunk = list(range(start, min(start + batch, len(paths))))
+            images, where = [], []
+            for i in chunk:
+                try:
+                    images.append(open_for_detection(paths[i], self.decode_size))
+                    where.append(i)
+                except Exception as exc:  # per-item failure is data, not a crash
+                    log.warning("watermark: cannot read %s: %s", paths[i], exc)
+            if images:
+                out[where] = self.predict(images)
+        return out
+
+    decode_size: int = 1024  # smallest long side the detector needs from the decoder
+
+
+def open_for_detection(path: Path | str, min_long_side: int) -> Image.Image:
+    """Decode an image file to RGB, cheaply: JPEG DCT scaling down to about what is needed."""
+    with Image.open(path) as im:
+        if im.format == "JPEG":
+            im.draft("RGB", (min_long_side, min_long_side))
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            im = im.convert("RGBA")
+            bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+            bg.alpha_composite(im)
+            im = bg
+        return im.convert("RGB")
+
+
+def _session(path: Path, threads: int = 0) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads if threads > 0 else (os.cpu_count() or 1)
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    # Busy-waiting worker threads starve everything else on a small shared machine.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(x, -60, 60)))
+
+
+# ------------------------------------------------------------------- the original ONNX interface
+class OnnxClassifierDetector(WatermarkDetector):
+    """An ONNX binary classifier with the original system's contract (512x512, /255, mean/std 0.5, 1 logit)."""
+
+    def __init__(self, model_path: Path | str, threshold: float = 0.5, name: str | None = None,
+                 version: str | None = None, input_size: int = 512, threads: int = 0) -> None:
+        self.model_path = Path(model_path)
+        self.session = _session(self.model_path, threads)
+        self.input_name = self.session.get_inputs()[0].name
+        self.input_size = input_size
+        self.threshold = float(threshold)
+        self.name = name or self.model_path.stem
+        self.version = version or f"{self.name}@{_file_digest(self.model_path)[:12]}"
+        self.decode_size = input_size
+
+    def preprocess(self, images: Sequence[Image.Image]) -> np.ndarray:
+        s = self.input_size
+        batch = np.stack([np.asarray(im.convert("RGB").resize((s, s), Image.BILINEAR), dtype=np.float32)
+                          for im in images])
+        batch = (batch / 255.0 - 0.5) / 0.5
+        return np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32)
+
+    def predict(self, images: Sequence[Image.Image]) -> np.ndarray:
+        if not images:
+            return np.zeros(0)
+        logits = self.session.run(None, {self.input_name: self.preprocess(images)})[0]
+        return _sigmoid(np.asarray(logits, dtype=np.float64).reshape(len(images), -1)[:, 0])
+
+
+# ------------------------------------------------------------------------- text-map features
+def find_text_detector(settings: Settings | None = None) -> Path | None:
+    """The PP-OCRv4 det ONNX: the model registry's copy under models/, else the installed wheel's file."""
+    candidates: list[Path] = []
+    if settings is not None:
+        try:
+            from mining.models import model_path  # type: ignore[attr-defined]
+
+            for name in ("ppocr-v4-det",):
+                try:
+                    candidates.append(Path(model_path(settings, name)))
+                except Exception:  # not registered under this name
+                    continue
+        except ImportError:
+            pass
+        candidates.append(settings.models_dir / OCR_DET_FILE)
+        if settings.models_dir.is_dir():
+            candidates.extend(sorted(settings.models_dir.glob(f"**/{OCR_DET_FILE}")))
+    spec = importlib.util.find_spec("rapidocr_onnxruntime")  # locates the wheel without importing it
+    if spec is not None and spec.origin:
+        candidates.append(Path(spec.origin).parent / "models" / OCR_DET_FILE)
+    return next((p for p in candidates if p.is_file()), None)
+
+
+# Regions as (x0, y0, x1, y1) fractions of the image: where watermarks live.
+REGIONS: dict[str, tuple[float, float, float, float]] = {
+    "full": (0, 0, 1, 1),
+    "top_left": (0, 0, 0.35, 0.3), "top_right": (0.65, 0, 1, 0.3),
+    "bottom_left": (0, 0.7, 0.35, 1), "bottom_right": (0.65, 0.7, 1, 1),
+    "bottom_centre": (0.3, 0.8, 0.7, 1),
+    "centre": (0.25, 0.25, 0.75, 0.75),
+    "top": (0, 0, 1, 0.15), "bottom": (0, 0.85, 1, 1), "left": (0, 0, 0.15, 1), "right": (0.85, 0, 1, 1),
+}
+REGION_STATS = ("max", "mean", "q99", "q999", "frac10", "frac30", "frac60")
+GRID = 4
+
+
+class TextMapFeatures:
+    """PP-OCRv4 text probability map -> fixed-length region statistics (numpy only)."""
+
+    def __init__(self, model_path: Path | str, long_side: int = 960, threads: int = 0) -> None:
+        self.model_path = Path(model_path)
+        self.long_side = long_side
+        self.session = _session(self.model_path, threads)
+        self.input_name = self.session.get_inputs()[0].name
+
+    @property
+    def names(self) -> list[str]:
+        names = [f"{r}.{s}" for r in REGIONS for s in REGION_STATS]
+        names += [f"grid_max_rank{i}" for i in range(GRID * GRID)]
+        names += [f"grid_frac30_rank{i}" for i in range(GRID * GRID)]
+        names += ["rows_active", "cols_active", "border_vs_centre"]
+        return names
+
+    def prob_map(self, image: Image.Image) -> np.ndarray:
+        """The detector's text probability per pixel at ``long_side`` resolution (float32)."""
+        w, h = image.size
+        scale = self.long_side / max(w, h)
+        W, H = max(32, round(w * scale / 32) * 32), max(32, round(h * scale / 32) * 32)
+        x = np.asarray(image.convert("RGB").resize((W, H), Image.BILINEAR), dtype=np.float32)
+        x = x[:, :, ::-1] / 127.5 - 1.0  # the PaddleOCR det contract: BGR, /255, mean/std 0.5
+        x = np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+        return np.asarray(self.session.run(None, {self.input_name: x})[0][0, 0], dtype=np.float32)
+
+    def text_map(self, image: Image.Image) -> np.ndarray:
+        """2x2 max-pooled probability map as uint8: peaks kept, 8x smaller to cache than float32."""
+        p = self.prob_map(image)
+        h, w = p.shape
+        pooled = p[: h // 2 * 2, : w // 2 * 2].reshape(h // 2, 2, w // 2, 2).max(axis=(1, 3))
+        return (pooled * 255 + 0.5).astype(np.uint8)
+
+    def features(self, images: Sequence[Image.Image]) -> np.ndarray:
+        if not images:
+            return np.zeros((0, len(self.names)), dtype=np.float32)
+        return np.stack([self.map_features(self.text_map(im)) for im in images])
+
+    @staticmethod
+    def map_features(text_map: np.ndarray) -> np.ndarray:
+        """Region statistics of a :meth:`text_map` (uint8 or [0, 1] floats)."""
+        p = text_map.astype(np.float32) / 255.0 if text_map.dtype == np.uint8 else text_map
+        h, w = p.shape
+        out: list[float] = []
+        for x0, y0, x1, y1 in REGIONS.values():
+            r = p[int(y0 * h): max(int(y0 * h) + 1, int(y1 * h)), int(x0 * w): max(int(x0 * w) + 1, int(x1 * w))]
+            flat = r.ravel()
+            q99, q999 = np.quantile(flat, (0.99, 0.999))
+            out += [float(flat.max()), float(flat.mean()), float(q99), float(q999),
+                    float((flat > 0.1).mean()), float((flat > 0.3).mean()), float((flat > 0.6).mean())]
+        gmax, gfrac = [], []
+        for i in range(GRID):
+            for j in range(GRID):
+                t = p[i * h // GRID: (i + 1) * h // GRID, j * w // GRID: (j + 1) * w // GRID]
+                gmax.append(float(t.max()))
+                gfrac.append(float((t > 0.3).mean()))
+        out += sorted(gmax, reverse=True) + sorted(gfrac, reverse=True)
+        rows = (p > 0.3).any(axis=1).mean()
+        cols = (p > 0.3).any(axis=0).mean()
+        centre = p[h // 4: 3 * h // 4, w // 4: 3 * w // 4].mean()
+        out += [float(rows), float(cols), float(p.mean() - centre)]
+        return np.asarray(out, dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------- the trained head
+@dataclass
+class Head:
+    """Standardise -> MLP (ReLU hidden layers, one logistic output): plain arrays, numpy forward."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+    weights: list[np.ndarray]
+    biases: list[np.ndarray]
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        a = (np.asarray(x, dtype=np.float64) - self.mean) / self.scale
+        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            a = a @ w + b
+            if i < len(self.weights) - 1:
+                a = np.maximum(a, 0.0)
+        return a.reshape(len(a), -1)[:, 0]
+
+    def proba(self, x: np.ndarray) -> np.ndarray:
+        return _sigmoid(self.logits(x))
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        arrays = {"mean": self.mean, "scale": self.scale}
+        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            arrays[f"w{i}"], arrays[f"b{i}"] = w, b
+        return arrays
+
+    @classmethod
+    def from_arrays(cls, arrays: Any) -> Head:
+        n = sum(1 for k in arrays.files if k.startswith("w"))
+        return cls(mean=arrays["mean"], scale=arrays["scale"],
+                   weights=[arrays[f"w{i}"] for i in range(n)], biases=[arrays[f"b{i}"] for i in range(n)])
+
+
+def fit_head(x: np.ndarray, y: np.ndarray, seed: int = 0, hidden: tuple[int, ...] = (32,),
+             alpha: float = 1e-2) -> Head:
+    """Fit the head with scikit-learn and export its parameters (MLP, or logistic when hidden=())."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neural_network import MLPClassifier
+
+    mean = x.mean(axis=0)
+    scale = x.std(axis=0)
+    scale[scale < 1e-6] = 1.0
+    z = (x - mean) / scale
+    if not hidden:
+        clf = LogisticRegression(C=1.0 / max(alpha, 1e-6), max_iter=2000, class_weight="balanced")
+        clf.fit(z, y)
+        return Head(mean, scale, [clf.coef_.T.astype(np.float64)], [clf.intercept_.astype(np.float64)])
+    clf = MLPClassifier(hidden_layer_sizes=hidden, alpha=alpha, max_iter=600, random_state=seed,
+                        learning_rate_init=1e-3, n_iter_no_change=30, tol=1e-5)
+    clf.fit(z, y)
+    return Head(mean, scale, [w.astype(np.float64) for w in clf.coefs_],
+                [b.astype(np.float64) for b in clf.intercepts_])
+
+
+class TrainedDetector(WatermarkDetector):
+    """The default detector: text-map features + a head trained on synthetic watermarks."""
+
+    name = "watermark-default"
+
+    def __init__(self, features: TextMapFeatures, head: Head, meta: dict[str, Any],
+                 threshold: float | None = None) -> None:
+        self.extractor = features
+        self.head = head
+        self.meta = meta
+        self.threshold = float(meta["threshold"] if threshold is None else threshold)
+        self.version = str(meta["version"])
+        self.decode_size = features.long_side
+
+    def predict(self, images: Sequence[Image.Image]) -> np.ndarray:
+        if not images:
+            return np.zeros(0)
+        return self.head.proba(self.extractor.features(images))
+
+    def save(self, directory: Path) -> Path:
+        return save_head(directory, self.head, self.meta)
+
+    @classmethod
+    def load(cls, directory: Path, settings: Settings | None = None, threads: int = 0) -> TrainedDetector:
+        meta = json.loads((directory / META_FILE).read_text())
+        if meta.get("feature_version") != FEATURE_VERSION:
+            raise ValueError(f"{directory}: feature version {meta.get('feature_version')!r} is not "
+                             f"{FEATURE_VERSION!r}: retrain with `mining watermark train`")
+        with np.load(directory / HEAD_FILE, allow_pickle=False) as arrays:
+            head = Head.from_arrays(arrays)
+        det = find_text_detector(settings)
+        if det is None:
+            raise FileNotFoundError(f"text detector {OCR_DET_FILE} not found: run `mining models build`")
+        return cls(TextMapFeatures(det, long_side=int(meta["long_side"]), threads=threads), head, meta)
+
+
+def save_head(directory: Path, head: Head, meta: dict[str, Any]) -> Path:
+    """Write head.npz and meta.json atomically (temp dir, then rename over the old one)."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    with open(tmp / HEAD_FILE, "wb") as fh:
+        np.savez(fh, **head.to_arrays())
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=_json_default))
+    old = None
+    if directory.exists():
+        old = directory.with_name(f".{directory.name}-old-{os.getpid()}-{time.monotonic_ns()}")
+        directory.rename(old)
+    tmp.rename(directory)
+    if old is not None:
+        for f in old.iterdir():
+            f.unlink()
+        old.rmdir()
+    return directory
+
+
+def detector_dir(settings: Settings) -> Path:
+    return settings.models_dir / "watermark"
+
+
+def load_detector(settings: Settings, threads: int | None = None) -> WatermarkDetector | None:
+    """The configured detector, or None when none is available (the scorer then skips the stage).
+
+    ``settings.watermark_model`` naming an ``.onnx`` file (or a registry entry that resolves to
+    one) selects the original-interface classifier; otherwise the trained default is loaded.
+    """
+    threads = settings.intra_op_threads if threads is None else threads
+    onnx_path = _configured_onnx(settings)
+    if onnx_path is not None:
+        threshold = settings.watermark_threshold if settings.watermark_threshold is not None else 0.5
+        return OnnxClassifierDetector(onnx_path, threshold=threshold, threads=threads)
+    directory = detector_dir(settings)
+    if not (directory / META_FILE).is_file() or not (directory / HEAD_FILE).is_file():
+        return None
+    try:
+        detector = TrainedDetector.load(directory, settings, threads=threads)
+    except (ValueError, KeyError, FileNotFoundError, OSError) as exc:
+        log.warning("watermark detector in %s unusable: %s", directory, exc)
+        return None
+    if settings.watermark_threshold is not None:
+        detector.threshold = settings.watermark_threshold
+    return detector
+
+
+def _configured_onnx(settings: Settings) -> Path | None:
+    name = settings.watermark_model
+    if name.endswith(".onnx"):
+        path = Path(name).expanduser()
+        path = path if path.is_absolute() else settings.models_dir / path
+        if not path.is_file():
+            raise FileNotFoundError(f"MINING_WATERMARK_MODEL: {path} does not exist")
+        return path
+    if name in ("", "watermark-default"):
+        return None
+    try:
+        from mining.models import model_path  # type: ignore[attr-defined]
+
+        path = Path(model_path(settings, name))
+    except Exception:
+        return None
+    return path if path.suffix == ".onnx" and path.is_file() else None
+
+
+# ------------------------------------------------------------------------------ training data
+def list_images(directory: Path) -> list[Path]:
+    return sorted(p for p in Path(directory).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def split_files(files: Sequence[Path], holdout: float, seed: int = 0) -> tuple[list[Path], list[Path]]:
+    """Deterministic split by file, stratified by folder: (train, held out)."""
+    by_dir: dict[Path, list[Path]] = {}
+    for f in files:
+        by_dir.setdefault(f.parent, []).append(f)
+    train_files, held = [], []
+    for group in by_dir.values():
+        group = sorted(group, key=lambda p: hashlib.sha256(f"{seed}:{p.name}".encode()).hexdigest())
+        n_held = round(len(group) * holdout)
+        held += group[:n_held]
+        train_files += group[n_held:]
+    return sorted(train_files), sorted(held)
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.integer | np.floating):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def _plan(n_pos: int, n_neg: int, rng: np.random.Generator) -> list[tuple[bool, str | None, str | None]]:
+    """Balanced kinds x strengths for positives, in a random order; then the clean copies."""
+    from mining.synth import KINDS, STRENGTHS
+
+    combos = [(k, s) for k in KINDS for s in STRENGTHS]
+    start = int(rng.integers(len(combos)))
+    pos = [(True, *combos[(start + i) % len(combos)]) for i in range(n_pos)]
+    return pos + [(False, None, None)] * n_neg
+
+
+def cache_key(digest: str, n_pos: int, n_neg: int, seed: int, long_side: int) -> str:
+    """Examples depend on the photo, the recipe and the map resolution, not on the feature summary."""
+    return hashlib.sha256(f"{digest}:{n_pos}:{n_neg}:{seed}:{SYNTH_VERSION}:{MAP_VERSION}:{long_side}"
+                          .encode()).hexdigest()[:32]
+
+
+def example_maps(extractor: TextMapFeatures, photo: Path, n_pos: int, n_neg: int, seed: int,
+                 cache_dir: Path | None) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
+    """Synthesise one photo's examples and run the text detector on them, cached by content and recipe.
+
+    The cache keeps the (small, uint8) text maps, so changing the feature summary or the
+    head never re-runs synthesis or the detector.
+    """
+    from mining.synth import make_example
+
+    digest = _file_digest(photo)
+    cached = cache_dir / f"{cache_key(digest, n_pos, n_neg, seed, extractor.long_side)}.npz" \
+        if cache_dir is not None else None
+    if cached is not None and cached.is_file():
+        try:
+            with np.load(cached, allow_pickle=False) as z:
+                metas = json.loads(str(z["meta"]))
+                maps = [z[f"m{i}"] for i in range(len(metas))]
+            for m in metas:
+                m.update(photo=photo.name, photo_sha256=digest)
+            return maps, metas
+        except (OSError, ValueError, KeyError):
+            log.warning("watermark: ignoring unreadable cache file %s", cached)
+    rng = np.random.default_rng([seed, int(digest[:15], 16)])
+    base = open_for_detection(photo, 4096)
+    maps, metas = [], []
+    for positive, kind, strength in _plan(n_pos, n_neg, rng):
+        img, meta = make_example(base, rng, positive, kind=kind, strength=strength)
+        maps.append(extractor.text_map(img))
+        meta.update(photo=photo.name, photo_sha256=digest)
+        metas.append(meta)
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f".{cached.stem}.{os.getpid()}.tmp.npz")
+        np.savez_compressed(tmp, meta=np.asarray(json.dumps(metas, default=_json_default)),
+                            **{f"m{i}": m for i, m in enumerate(maps)})
+        os.replace(tmp, cached)
+    return maps, metas
+
+
+def build_dataset(extractor: TextMapFeatures, photos: Sequence[Path], n_pos: int, n_neg: int, seed: int,
+                  cache_dir: Path | None, progress: Callable[[int, int], None] | None = None,
+                  ) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+    xs, metas = [], []
+    for i, photo in enumerate(photos):
+        try:
+            maps, m = example_maps(extractor, photo, n_pos, n_neg, seed, cache_dir)
+            x = np.stack([extractor.map_features(t) for t in maps])
+        except Exception as exc:  # one bad file must not sink the training run
+            log.warning("watermark: skipping %s: %s", photo, exc)
+            continue
+        xs.append(x)
+        metas += m
+        if progress:
+            progress(i + 1, len(photos))
+    if not xs:
+        raise ValueError("no readable images to build watermark examples from")
+    x = np.concatenate(xs)
+    y = np.asarray([m["label"] for m in metas], dtype=np.int64)
+    return x, y, metas
+
+
+# ------------------------------------------------------------------------------ train / evaluate
+@dataclass
+class TrainReport:
+    version: str
+    path: str
+    photos: int
+    samples: int
+    positives: int
+    negatives: int
+    threshold: float
+    cv_auroc: float
+    cv_fpr: float
+    cv_recall: float
+    seconds: float
+    held_out_photos: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _auroc(y: np.ndarray, p: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auroc_safe(roc_auc_score, y, p))
+
+
+def roc_auroc_safe(fn: Callable[..., float], y: np.ndarray, p: np.ndarray) -> float:
+    return fn(y, p) if len(set(y.tolist())) == 2 else float("nan")
+
+
+def calibrate_threshold(clean_scores: np.ndarray, target_fpr: float) -> float:
+    """Smallest threshold whose false-positive rate on clean scores is <= target_fpr."""
+    s = np.sort(np.asarray(clean_scores, dtype=np.float64))
+    if len(s) == 0:
+        return 0.5
+    allowed = int(np.floor(target_fpr * len(s)))  # how many clean images may score >= threshold
+    top = s[len(s) - allowed - 1]  # must be strictly above this one
+    return float(min(1.0, np.nextafter(top, np.inf)))
+
+
+def train(settings: Settings, clean_dir: Path, out: Path | None = None, n_per_image: int = 8,
+          neg_per_image: int = 4, seed: int = 0, holdout: float = 0.0, target_fpr: float = DEFAULT_TARGET_FPR,
+          hidden: tuple[int, ...] = (32,), threads: int | None = None, long_side: int = 960,
+          progress: Callable[[int, int], None] | None = None) -> TrainReport:
+    """Train the default detector on synthetic watermarks over the clean photos in ``clean_dir``.
+
+    ``holdout`` keeps that fraction of photos (per folder, by name hash) out of training
+    entirely, for ``evaluate``. The threshold is calibrated on out-of-fold scores of clean
+    images (folds by photo), then the head is refit on all photos.
+    """
+    from sklearn.model_selection import GroupKFold
+
+    t0 = time.perf_counter()
+    files = list_images(clean_dir)
+    if not files:
+        raise ValueError(f"no images found under {clean_dir}")
+    train_files, held = split_files(files, holdout, seed) if holdout > 0 else (files, [])
+    det = find_text_detector(settings)
+    if det is None:
+        raise FileNotFoundError(f"text detector {OCR_DET_FILE} not found: run `mining models build`")
+    threads = settings.intra_op_threads if threads is None else threads
+    extractor = TextMapFeatures(det, long_side=long_side, threads=threads)
+    cache = settings.home / "cache" / "watermark"
+    x, y, metas = build_dataset(extractor, train_files, n_per_image, neg_per_image, seed, cache, progress)
+    groups = np.asarray([m["photo_sha256"] for m in metas])
+    n_groups = len(set(groups.tolist()))
+    oof = np.full(len(y), np.nan)
+    if n_groups >= 2:
+        for tr, te in GroupKFold(n_splits=min(5, n_groups)).split(x, y, groups):
+            if len(set(y[tr].tolist())) < 2:
+                continue
+            oof[te] = fit_head(x[tr], y[tr], seed=seed, hidden=hidden).proba(x[te])
+    else:  # a single photo: no honest split exists; calibrate in-sample
+        oof = fit_head(x, y, seed=seed, hidden=hidden).proba(x)
+    clean = oof[(y == 0) & ~np.isnan(oof)]
+    threshold = calibrate_threshold(clean, target_fpr)
+    ok = ~np.isnan(oof)
+    cv_auroc = _auroc(y[ok], oof[ok])
+    cv_fpr = float((clean >= threshold).mean()) if len(clean) else float("nan")
+    pos = oof[(y == 1) & ok]
+    cv_recall = float((pos >= threshold).mean()) if len(pos) else float("nan")
+    head = fit_head(x, y, seed=seed, hidden=hidden)
+    train_shas = sorted(set(groups.tolist()))
+    version = "wm-" + hashlib.sha256(("".join(train_shas) + f":{seed}:{n_per_image}:{neg_per_image}:{hidden}"
+                                      ).encode()).hexdigest()[:12]
+    meta = {
+        "name": TrainedDetector.name, "version": version, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                     time.gmtime()),
+        "feature_version": FEATURE_VERSION, "synth_version": SYNTH_VERSION, "feature_names": extractor.names,
+        "long_side": extractor.long_side, "text_detector": det.name, "text_detector_sha256": _file_digest(det),
+        "head": {"kind": "mlp" if hidden else "logistic", "hidden": list(hidden)},
+        "threshold": threshold, "target_fpr": target_fpr,
+        "training": {"clean_dir": str(clean_dir), "photos": len(train_shas), "samples": len(y),
+                     "positives": int(y.sum()), "negatives": int((y == 0).sum()), "n_per_image": n_per_image,
+                     "neg_per_image": neg_per_image, "seed": seed, "holdout": holdout},
+        "metrics": {"cv_auroc": cv_auroc, "cv_fpr": cv_fpr, "cv_recall": cv_recall},
+        "train_photos_sha256": train_shas,
+    }
+    target = out or detector_dir(settings)
+    save_head(target, head, meta)
+    return TrainReport(version=version, path=str(target), photos=len(train_shas), samples=len(y),
+                       positives=int(y.sum()), negatives=int((y == 0).sum()), threshold=threshold,
+                       cv_auroc=cv_auroc, cv_fpr=cv_fpr, cv_recall=cv_recall,
+                       seconds=round(time.perf_counter() - t0, 1), held_out_photos=[str(p) for p in held])
+
+
+@dataclass
+class EvalReport:
+    detector: str
+    photos: int
+    samples: int
+    auroc: float
+    threshold: float
+    fpr_clean: float
+    fpr_by_folder: dict[str, float]
+    recall: float
+    recall_by_kind: dict[str, float]
+    recall_by_strength: dict[str, float]
+    recall_by_kind_strength: dict[str, float]
+    excluded_training_photos: int
+    seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def markdown(self) -> str:
+        lines = [f"Watermark detector `{self.detector}` on {self.photos} held-out photos "
+                 f"({self.samples} examples): AUROC **{self.auroc:.3f}**, threshold {self.threshold:.3f}, "
+                 f"false positives on clean images {self.fpr_clean:.1%} "
+                 f"({', '.join(f'{k} {v:.1%}' for k, v in self.fpr_by_folder.items())}), recall {self.recall:.1%}.",
+                 "", "| kind | faint | strong | all |", "| --- | --- | --- | --- |"]
+        for kind, r in self.recall_by_kind.items():
+            f = self.recall_by_kind_strength.get(f"{kind}/faint", float("nan"))
+            s = self.recall_by_kind_strength.get(f"{kind}/strong", float("nan"))
+            lines.append(f"| {kind} | {f:.1%} | {s:.1%} | {r:.1%} |")
+        f, s = self.recall_by_strength.get("faint", float("nan")), self.recall_by_strength.get("strong", float("nan"))
+        lines.append(f"| all | {f:.1%} | {s:.1%} | {self.recall:.1%} |")
+        return "\n".join(lines)
+
+
+def evaluate(settings: Settings, clean_dir: Path, detector: TrainedDetector | None = None, n_per_image: int = 8,
+             neg_per_image: int = 4, seed: int = 1, include_training_photos: bool = False,
+             progress: Callable[[int, int], None] | None = None) -> EvalReport:
+    """Measure the detector on synthetic watermarks over photos it never saw in training."""
+    t0 = time.perf_counter()
+    if detector is None:
+        loaded = load_detector(settings)
+        if not isinstance(loaded, TrainedDetector):
+            raise ValueError("no trained watermark detector: run `mining watermark train --clean DIR` first")
+        detector = loaded
+    seen = set(detector.meta.get("train_photos_sha256", []))
+    files = list_images(clean_dir)
+    photos = [f for f in files if include_training_photos or _file_digest(f) not in seen]
+    excluded = len(files) - len(photos)
+    if not photos:
+        raise ValueError(f"every image under {clean_dir} was used in training: nothing held out to evaluate on")
+    x, y, metas = build_dataset(detector.extractor, photos, n_per_image, neg_per_image, seed,
+                                settings.home / "cache" / "watermark", progress)
+    p = detector.head.proba(x)
+    thr = detector.threshold
+    hit = p >= thr
+    folder_of = {f.name: f.parent.name for f in photos}
+    fpr_by_folder: dict[str, float] = {}
+    for folder in sorted(set(folder_of.values())):
+        sel = np.asarray([m["label"] == 0 and folder_of.get(m["photo"]) == folder for m in metas])
+        if sel.any():
+            fpr_by_folder[folder] = float(hit[sel].mean())
+
+    def recall(pred: Callable[[dict[str, Any]], bool]) -> float:
+        sel = np.asarray([m["label"] == 1 and pred(m) for m in metas])
+        return float(hit[sel].mean()) if sel.any() else float("nan")
+
+    from mining.synth import KINDS, STRENGTHS
+
+    return EvalReport(
+        detector=detector.version, photos=len({m["photo_sha256"] for m in metas}), samples=len(y),
+        auroc=_auroc(y, p), threshold=thr, fpr_clean=float(hit[y == 0].mean()) if (y == 0).any() else float("nan"),
+        fpr_by_folder=fpr_by_folder, recall=recall(lambda m: True),
+        recall_by_kind={k: recall(lambda m, k=k: m["kind"] == k) for k in KINDS},
+        recall_by_strength={s: recall(lambda m, s=s: m["strength"] == s) for s in STRENGTHS},
+        recall_by_kind_strength={f"{k}/{s}": recall(lambda m, k=k, s=s: m["kind"] == k and m["strength"] == s)
+                                 for k in KINDS for s in STRENGTHS},
+        excluded_training_photos=excluded, seconds=round(time.perf_counter() - t0, 1))
+
+
+def iter_scores(detector: WatermarkDetector, paths: Iterable[Path]) -> Iterable[tuple[Path, float]]:
+    """(path, probability) pairs, for scripts and the CLI."""
+    paths = list(paths)
+    return zip(paths, detector.predict_paths(paths).tolist(), strict=True)

@@ -1,0 +1,108 @@
+"""Synthetic watermarks: deterministic given the rng, varied across draws, robust to missing fonts."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mining import synth
+
+
+@pytest.fixture
+def photo() -> Image.Image:
+    """A smooth, photo-like clean image (gradient + low-frequency noise), 800x520."""
+    rng = np.random.default_rng(7)
+    h, w = 520, 800
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    base = np.stack([120 + 80 * xx, 140 + 60 * yy, 170 - 50 * xx * yy], axis=-1)
+    noise = np.kron(rng.normal(0, 18, (h // 40 + 1, w // 40 + 1, 3)), np.ones((40, 40, 1)))[:h, :w]
+    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+
+
+def _diff(a: Image.Image, b: Image.Image) -> np.ndarray:
+    return np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max(axis=-1)
+
+
+def test_same_rng_state_gives_identical_image_and_meta(photo: Image.Image) -> None:
+    a, ma = synth.make_example(photo, np.random.default_rng(42), True)
+    b, mb = synth.make_example(photo, np.random.default_rng(42), True)
+    assert ma == mb
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("kind", synth.KINDS)
+@pytest.mark.parametrize("strength", synth.STRENGTHS)
+def test_each_kind_marks_the_image_inside_its_box(photo: Image.Image, kind: str, strength: str) -> None:
+    out, meta = synth.add_watermark(photo, np.random.default_rng(3), kind=kind, strength=strength)
+    assert out.size == photo.size and out.mode == "RGB"
+    assert meta["kind"] == kind and meta["strength"] == strength
+    lo, hi = synth.FAINT_OPACITY if strength == "faint" else synth.STRONG_OPACITY
+    assert lo <= meta["opacity"] <= hi
+    changed = _diff(out, photo) > 2
+    assert changed.sum() > 30, "the watermark must change some pixels"
+    x0, y0, x1, y1 = meta["bbox"]
+    inside = changed[max(0, y0):y1, max(0, x0):x1].sum()
+    assert inside >= 0.95 * changed.sum(), "ink outside the reported bounding box"
+
+
+def test_faint_marks_change_pixels_less_than_strong(photo: Image.Image) -> None:
+    faint, strong = [], []
+    for seed in range(6):
+        for strength, acc in (("faint", faint), ("strong", strong)):
+            out, _ = synth.add_watermark(photo, np.random.default_rng(seed), kind="centre", strength=strength)
+            d = _diff(out, photo)
+            acc.append(d[d > 2].mean())
+    assert np.mean(faint) < np.mean(strong)
+
+
+def test_draws_vary_kinds_fonts_positions_and_texts(photo: Image.Image) -> None:
+    rng = np.random.default_rng(0)
+    small = photo.resize((400, 260))
+    metas = [synth.add_watermark(small, rng)[1] for _ in range(60)]
+    kinds = Counter(m["kind"] for m in metas)
+    assert set(kinds) == set(synth.KINDS)
+    assert len({m.get("text") for m in metas if m.get("text")}) >= 20
+    assert len({m.get("position") for m in metas}) >= 4
+    assert len({m["strength"] for m in metas}) == 2
+    fonts = {m.get("font") for m in metas if m.get("font")}
+    assert len(fonts) >= min(5, 1 + len(synth.font_files()))
+
+
+def test_missing_system_fonts_fall_back_to_pillows_builtin(photo: Image.Image,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(synth, "font_files", lambda: ())
+    synth._font.cache_clear()
+    try:
+        out, meta = synth.add_watermark(photo, np.random.default_rng(5), kind="corner", strength="strong")
+    finally:
+        synth._font.cache_clear()
+    assert meta.get("font") in ("builtin", None)
+    assert (_diff(out, photo) > 2).sum() > 30
+
+
+def test_augment_resizes_within_range_and_recompresses(photo: Image.Image) -> None:
+    big = photo.resize((2400, 1560))
+    sizes = set()
+    for seed in range(8):
+        out, meta = synth.augment_like_reddit(big, np.random.default_rng(seed))
+        assert 640 <= max(out.size) <= 2048
+        assert 60 <= meta["jpeg_quality"] <= 95
+        assert abs(out.size[0] / out.size[1] - 2400 / 1560) < 0.01
+        sizes.add(out.size)
+    assert len(sizes) > 4
+    small, _ = synth.augment_like_reddit(photo, np.random.default_rng(1))
+    assert small.size == photo.size, "never upscaled"
+
+
+def test_clean_examples_are_only_recompressed(photo: Image.Image) -> None:
+    out, meta = synth.make_example(photo, np.random.default_rng(9), positive=False)
+    assert meta["label"] == 0 and meta["kind"] == "clean"
+    assert float(_diff(out, photo).mean()) < 6
+
+
+def test_unknown_kind_is_refused(photo: Image.Image) -> None:
+    with pytest.raises(ValueError, match="kind"):
+        synth.add_watermark(photo, np.random.default_rng(0), kind="hologram")

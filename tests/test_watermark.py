@@ -1,0 +1,167 @@
+"""Watermark detectors: the original ONNX interface, the trained default end to end, persistence."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+from PIL import Image
+
+from mining import watermark
+from mining.settings import Settings
+from mining.synth import add_watermark, augment_like_reddit
+from mining.watermark import (
+    Head,
+    OnnxClassifierDetector,
+    TrainedDetector,
+    calibrate_threshold,
+    evaluate,
+    load_detector,
+    save_head,
+    split_files,
+    train,
+)
+
+
+@pytest.fixture
+def wm_settings(settings: Settings, tmp_path: Path) -> Settings:
+    """Settings whose models_dir is private to the test (never the project's models/)."""
+    return settings.replace(models_dir=tmp_path / "models")
+
+
+@pytest.fixture
+def tiny_classifier(tmp_path: Path) -> Path:
+    """An ONNX model with the original contract: [N,3,512,512] -> [N,1], logit = 4 * mean(pixels)."""
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 512, 512])
+    y = helper.make_tensor_value_info("logit", TensorProto.FLOAT, ["N", 1])
+    axes = helper.make_tensor("axes", TensorProto.INT64, [3], [1, 2, 3])
+    four = helper.make_tensor("four", TensorProto.FLOAT, [], [4.0])
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [-1, 1])
+    nodes = [helper.make_node("ReduceMean", ["input", "axes"], ["m"], keepdims=0),
+             helper.make_node("Mul", ["m", "four"], ["s"]),
+             helper.make_node("Reshape", ["s", "shape"], ["logit"])]
+    graph = helper.make_graph(nodes, "tiny", [x], [y], initializer=[axes, four, shape])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path = tmp_path / "tiny_wm.onnx"
+    onnx.save(model, path)
+    return path
+
+
+def test_onnx_classifier_follows_the_original_preprocessing(tiny_classifier: Path, tmp_path: Path) -> None:
+    det = OnnxClassifierDetector(tiny_classifier, threshold=0.6)
+    white, black = Image.new("RGB", (300, 200), "white"), Image.new("RGB", (640, 480), "black")
+    grey = Image.new("L", (100, 100), 128)  # any mode, any size: converted and resized to 512x512
+    probs = det.predict([white, black, grey])
+    # /255 then (x - 0.5) / 0.5 maps white to +1 and black to -1: logits +4, -4, ~0.
+    assert probs == pytest.approx([1 / (1 + np.exp(-4)), 1 / (1 + np.exp(4)), 0.5], abs=0.01)
+    assert det.threshold == 0.6 and det.version.startswith("tiny_wm@")
+    white.save(tmp_path / "w.png")
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    out = det.predict_paths([tmp_path / "w.png", tmp_path / "broken.jpg", tmp_path / "missing.jpg"])
+    assert out[0] == pytest.approx(probs[0], abs=1e-6)
+    assert np.isnan(out[1]) and np.isnan(out[2])
+
+
+def test_load_detector_selects_a_configured_onnx_classifier(wm_settings: Settings, tiny_classifier: Path) -> None:
+    assert load_detector(wm_settings) is None  # nothing trained, nothing configured
+    det = load_detector(wm_settings.replace(watermark_model=str(tiny_classifier), watermark_threshold=0.7))
+    assert isinstance(det, OnnxClassifierDetector) and det.threshold == 0.7
+    with pytest.raises(FileNotFoundError):
+        load_detector(wm_settings.replace(watermark_model="nowhere.onnx"))
+
+
+def test_head_round_trips_through_npz_without_pickle(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 5))
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(int)
+    for hidden in ((), (8,)):
+        head = watermark.fit_head(x, y, hidden=hidden)
+        save_head(tmp_path / "wm", head, {"version": "v", "threshold": 0.5})
+        with np.load(tmp_path / "wm" / watermark.HEAD_FILE, allow_pickle=False) as arrays:
+            again = Head.from_arrays(arrays)
+        assert np.allclose(again.proba(x), head.proba(x))
+        assert ((head.proba(x) > 0.5) == y).mean() > 0.9
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wm"], "atomic replace leaves no temp dirs"
+
+
+def test_calibrated_threshold_keeps_false_positives_under_target() -> None:
+    scores = np.random.default_rng(1).random(1000)
+    for target in (0.0, 0.01, 0.05, 0.2):
+        thr = calibrate_threshold(scores, target)
+        assert (scores >= thr).mean() <= target + 1e-9
+        assert (scores >= thr).mean() >= target - 0.002  # and not needlessly strict
+
+
+def test_split_files_is_deterministic_and_stratified(tmp_path: Path) -> None:
+    files = [tmp_path / d / f"{d}_{i}.jpg" for d in ("a", "b") for i in range(10)]
+    train_a, held_a = split_files(files, 0.5, seed=0)
+    assert (train_a, held_a) == split_files(files, 0.5, seed=0)
+    assert not set(train_a) & set(held_a) and len(train_a) == len(held_a) == 10
+    assert sum(f.parent.name == "a" for f in held_a) == 5
+
+
+def _fake_photo(rng: np.random.Generator, w: int = 640, h: int = 420) -> Image.Image:
+    """Photo-like clean image: smooth colour fields with soft blobs, no text."""
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    c0, c1 = rng.uniform(40, 220, 3), rng.uniform(40, 220, 3)
+    t = (xx * rng.uniform(-1, 1) + yy * rng.uniform(-1, 1))[..., None]
+    img = c0 + (c1 - c0) * (t - t.min()) / (np.ptp(t) + 1e-6)
+    coarse = rng.normal(0, 25, (h // 60 + 2, w // 60 + 2, 3))
+    img += np.asarray(Image.fromarray(((coarse + 128).clip(0, 255)).astype(np.uint8)).resize((w, h),
+                      Image.BICUBIC), dtype=np.float64) - 128
+    return Image.fromarray(img.clip(0, 255).astype(np.uint8))
+
+
+@pytest.mark.slow
+def test_train_save_load_predict_separates_strong_watermarks(wm_settings: Settings, tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    for i in range(8):
+        _fake_photo(rng).save(clean / f"p{i}.jpg", quality=92)
+    report = train(wm_settings, clean, n_per_image=4, neg_per_image=2, long_side=640, hidden=())
+    assert report.photos == 8 and report.samples == 48 and report.positives == 32
+    meta = json.loads((wm_settings.models_dir / "watermark" / watermark.META_FILE).read_text())
+    assert meta["version"] == report.version and meta["threshold"] == report.threshold
+    assert meta["training"]["photos"] == 8 and len(meta["train_photos_sha256"]) == 8
+    assert "cv_auroc" in meta["metrics"] and meta["feature_version"] == watermark.FEATURE_VERSION
+
+    det = load_detector(wm_settings)
+    assert isinstance(det, TrainedDetector) and det.version == report.version
+    assert det.threshold == pytest.approx(report.threshold)
+    # New photos, strong watermarks in the centre vs the same photos clean (served like Reddit).
+    test_rng = np.random.default_rng(99)
+    marked, plain = [], []
+    for _ in range(6):
+        photo = _fake_photo(test_rng)
+        wm, _ = add_watermark(photo, test_rng, kind="centre", strength="strong")
+        marked.append(augment_like_reddit(wm, test_rng)[0])
+        plain.append(augment_like_reddit(photo, test_rng)[0])
+    p_marked, p_plain = det.predict(marked), det.predict(plain)
+    assert p_marked.min() > p_plain.max(), (p_marked, p_plain)
+
+    # A trained photo is excluded from evaluation; evaluating only training photos is refused.
+    with pytest.raises(ValueError, match="held out"):
+        evaluate(wm_settings, clean, n_per_image=2, neg_per_image=1)
+    # The same call retrains deterministically (same version) and rewrites atomically.
+    assert train(wm_settings, clean, n_per_image=4, neg_per_image=2, long_side=640, hidden=()).version \
+        == report.version
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+def test_held_out_photos_meet_the_auroc_and_false_positive_bar(wm_settings: Settings,
+                                                               shared_photos: Path) -> None:
+    """Train on half of ../shared photos, evaluate on the other half (never seen in training)."""
+    report = train(wm_settings, shared_photos, holdout=0.5, n_per_image=4, neg_per_image=2)
+    assert report.held_out_photos and report.photos < 80
+    result = evaluate(wm_settings, shared_photos, n_per_image=4, neg_per_image=2)
+    assert result.excluded_training_photos == report.photos
+    assert result.auroc >= 0.95, result.markdown()
+    assert result.fpr_by_folder["scenery"] <= 0.05, result.markdown()
