@@ -248,6 +248,7 @@ def main() -> int:
     ap.add_argument("--photos", type=Path, default=DEFAULT_PHOTOS)
     ap.add_argument("--limit", type=int, default=0, help="use only the first N photos")
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--speed-only", action="store_true", help="only time queries over 1M random hashes")
     ap.add_argument("--cache", type=Path, help="pickle of the hashes, reused when photos and transforms match")
     args = ap.parse_args()
     photos = sorted(p for p in args.photos.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))
@@ -256,6 +257,9 @@ def main() -> int:
     if len(photos) < 2:
         print(f"need photos under {args.photos}", file=sys.stderr)
         return 2
+    if args.speed_only:
+        print(speed_table())
+        return 0
     t0 = time.perf_counter()
     results = hash_all(photos, args.cache)
     table, chosen, hash_s = quality_tables(photos, results)

@@ -174,6 +174,8 @@ class GalleryIndex:
         self._shas: list[str] = []
         self._origins: list[str | None] = []
         self._pos: dict[str, int] = {}
+        # Gallery images without hashes (undecodable by PIL): exact sha256 matches only.
+        self._unhashed: dict[str, str | None] = {}
 
     # -- construction ----------------------------------------------------------------
     @classmethod
@@ -188,6 +190,9 @@ class GalleryIndex:
             else:
                 sha, ph, mi, *rest = row
                 origin = rest[0] if rest else None
+            if not ph or not mi:
+                index.add_unhashed(sha, origin)
+                continue
             shas.append(sha)
             phs.append(ph)
             mis.append(mi)
@@ -218,7 +223,7 @@ class GalleryIndex:
         return self._n
 
     def __contains__(self, sha256: object) -> bool:
-        return sha256 in self._pos
+        return sha256 in self._pos or sha256 in self._unhashed
 
     @property
     def shas(self) -> list[str]:
@@ -227,12 +232,15 @@ class GalleryIndex:
     def sha256s(self, excluding_origins: Iterable[str] | None = None) -> set[str]:
         """Every gallery sha256, minus those that came from the given candidate ids."""
         skip = set(excluding_origins or ())
-        return {s for s, o in zip(self._shas, self._origins, strict=True) if o is None or o not in skip}
+        pairs = [*zip(self._shas, self._origins, strict=True), *self._unhashed.items()]
+        return {s for s, o in pairs if o is None or o not in skip}
 
     def sha_at(self, position: int) -> str:
         return self._shas[position]
 
     def origin(self, sha256: str) -> str | None:
+        if sha256 in self._unhashed:
+            return self._unhashed[sha256]
         return self._origins[self._pos[sha256]]
 
     def phash_of(self, sha256: str) -> Hashes:
@@ -243,6 +251,14 @@ class GalleryIndex:
         return np.ascontiguousarray(row).view(np.uint8)[: hash_nbytes(self.hash_size)].tobytes().hex()
 
     # -- incremental updates -------------------------------------------------------------
+    def add_unhashed(self, sha256: str, origin: str | None = None) -> bool:
+        """Record an image that has no pHash: it still counts for exact (sha256) matches."""
+        _check_shas([sha256])
+        if sha256 in self:
+            return False
+        self._unhashed[sha256] = origin
+        return True
+
     def add(self, sha256: str, phash: str, phash_mirror: str, origin: str | None = None) -> bool:
         """Add one image; False (and no change) when its sha256 is already indexed."""
         return self.add_many([sha256], [phash], [phash_mirror], [origin]) == 1
@@ -258,6 +274,7 @@ class GalleryIndex:
         for i, sha in enumerate(shas):
             if sha not in self._pos:
                 first.setdefault(sha, i)
+                self._unhashed.pop(sha, None)  # now it has hashes
         keep = list(first.values())
         if not keep:
             return 0
@@ -355,15 +372,11 @@ class GalleryIndex:
         """Write the index atomically (temp file, fsync, rename): readers never see half of it."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        origins = [o or "" for o in self._origins]
-        blob = "".join(origins).encode()
-        ends = np.cumsum([len(o.encode()) for o in origins], dtype=np.int64) if origins else np.zeros(0, np.int64)
         arrays = {
             "format": np.array([INDEX_FORMAT, self.hash_size], dtype=np.int64),
-            "sha256": np.frombuffer(bytes.fromhex("".join(self._shas)), dtype=np.uint8).reshape(self._n, 32),
             "phash": self._ph[:, : self._n], "phash_mirror": self._mi[:, : self._n],  # (words, n)
-            "origin_blob": np.frombuffer(blob, dtype=np.uint8), "origin_ends": ends,
-            "has_origin": np.array([o is not None for o in self._origins], dtype=bool),
+            **_encode_keys("", self._shas, self._origins),
+            **_encode_keys("unhashed_", list(self._unhashed), list(self._unhashed.values())),
         }
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
@@ -384,13 +397,8 @@ class GalleryIndex:
             if fmt != INDEX_FORMAT:
                 raise ValueError(f"{path}: unknown gallery index format {fmt}")
             index = cls(hash_size)
-            shas = [row.tobytes().hex() for row in data["sha256"]]
-            blob, ends, has = data["origin_blob"].tobytes(), data["origin_ends"], data["has_origin"]
-            origins: list[str | None] = []
-            start = 0
-            for end, present in zip(ends.tolist(), has.tolist(), strict=True):
-                origins.append(blob[start:end].decode() if present else None)
-                start = end
+            shas, origins = _decode_keys("", data)
+            index._unhashed = dict(zip(*_decode_keys("unhashed_", data), strict=True))
             n = len(shas)
             index._ph = np.ascontiguousarray(data["phash"], dtype=np.uint64).reshape(index.words, n)
             index._mi = np.ascontiguousarray(data["phash_mirror"], dtype=np.uint64).reshape(index.words, n)
@@ -399,6 +407,30 @@ class GalleryIndex:
         index._origins = origins
         index._pos = {s: i for i, s in enumerate(shas)}
         return index
+
+
+def _encode_keys(prefix: str, shas: list[str], origins: list[str | None]) -> dict[str, np.ndarray]:
+    """sha256s as raw bytes and optional origin strings as one UTF-8 blob plus offsets (no pickle)."""
+    texts = [o or "" for o in origins]
+    ends = np.cumsum([len(t.encode()) for t in texts], dtype=np.int64) if texts else np.zeros(0, np.int64)
+    return {
+        f"{prefix}sha256": np.frombuffer(bytes.fromhex("".join(shas)), dtype=np.uint8).reshape(len(shas), 32),
+        f"{prefix}origin_blob": np.frombuffer("".join(texts).encode(), dtype=np.uint8),
+        f"{prefix}origin_ends": ends,
+        f"{prefix}has_origin": np.array([o is not None for o in origins], dtype=bool),
+    }
+
+
+def _decode_keys(prefix: str, data: Any) -> tuple[list[str], list[str | None]]:
+    shas = [row.tobytes().hex() for row in data[f"{prefix}sha256"]]
+    blob = data[f"{prefix}origin_blob"].tobytes()
+    origins: list[str | None] = []
+    start = 0
+    for end, present in zip(data[f"{prefix}origin_ends"].tolist(), data[f"{prefix}has_origin"].tolist(),
+                            strict=True):
+        origins.append(blob[start:end].decode() if present else None)
+        start = end
+    return shas, origins
 
 
 # ---- batch dedupe ------------------------------------------------------------------------

@@ -87,13 +87,21 @@ def _split(n: int, k: int, rng: np.random.Generator) -> list[np.ndarray]:
 
 
 def evaluate_embeddings(liked: np.ndarray, other: np.ndarray, settings: Settings, seed: int = 0,
-                        folds: int = 5) -> EvaluationReport:
-    """Nested, held-out evaluation of every model kind plus the automatic choice."""
+                        folds: int = 5, models: tuple[str, ...] | None = None) -> EvaluationReport:
+    """Nested, held-out evaluation of every model kind plus the automatic choice.
+
+    ``models`` restricts the rows (names from KINDS, AUTO, AUTO_NO_STREAM); default all.
+    """
     liked, other = np.asarray(liked), np.asarray(other)
-    k = max(2, min(folds, len(liked), len(other)))
+    if len(liked) < 4 or len(other) < 2:
+        raise ValueError(f"need at least 4 liked and 2 other images to evaluate, got {len(liked)} and {len(other)}")
+    k = max(2, min(folds, len(liked) - 1, len(other)))
     rng = np.random.default_rng(seed)
     liked_folds, other_folds = _split(len(liked), k, rng), _split(len(other), k, rng)
-    names = [*KINDS, AUTO, AUTO_NO_STREAM]
+    names = list(models or (*KINDS, AUTO, AUTO_NO_STREAM))
+    unknown = set(names) - {*KINDS, AUTO, AUTO_NO_STREAM}
+    if unknown:
+        raise ValueError(f"unknown model rows {sorted(unknown)}")
     aucs: dict[str, list[float]] = {m: [] for m in names}
     kept: dict[str, list[int]] = {m: [0, 0] for m in names}  # liked kept, other accepted
     pus: dict[str, list[float]] = {m: [] for m in names}
@@ -150,7 +158,7 @@ def embed_folder(settings: Settings, folder: Path, embedder: Any = None) -> np.n
 
 
 def evaluate_dirs(settings: Settings, liked_dir: Path, other_dir: Path, seed: int = 0, folds: int = 5,
-                  cache: Path | None = None) -> EvaluationReport:
+                  cache: Path | None = None, models: tuple[str, ...] | None = None) -> EvaluationReport:
     """Embed two folders with the configured embedder and evaluate (``cache``: reuse an npz)."""
     liked = other = None
     if cache is not None and cache.exists():
@@ -167,7 +175,7 @@ def evaluate_dirs(settings: Settings, liked_dir: Path, other_dir: Path, seed: in
             cache.parent.mkdir(parents=True, exist_ok=True)
             with open(cache, "wb") as fh:
                 np.savez(fh, liked=liked, other=other, key=np.array(_cache_key(settings, liked_dir, other_dir)))
-    report = evaluate_embeddings(liked, other, settings, seed=seed, folds=folds)
+    report = evaluate_embeddings(liked, other, settings, seed=seed, folds=folds, models=models)
     report.embedder = settings.embedder
     report.sources = {"liked": str(liked_dir), "other": str(other_dir)}
     return report

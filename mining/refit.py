@@ -10,6 +10,7 @@ rescored with the candidate so the report can say what it would have decided dif
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections import Counter
@@ -103,8 +104,8 @@ def gallery_matrix(con: Any, embed_model: str) -> tuple[list[str], np.ndarray, n
         UNION ALL
         SELECT g.sha256, e.embedding FROM gallery g JOIN embeddings e USING (sha256)
         WHERE g.embedding IS NULL AND e.model = ?
-        QUALIFY row_number() OVER (PARTITION BY g.sha256 ORDER BY e.interval_start) = 1
-        ORDER BY sha256""", [embed_model, embed_model])
+        QUALIFY row_number() OVER (PARTITION BY g.sha256 ORDER BY e.interval_start) = 1""",
+        [embed_model, embed_model])  # no ORDER BY: sorting would materialise every vector inside DuckDB too
     liked_at = {r[0]: (np.nan if r[1] is None else float(r[1])) for r in con.execute(
         "SELECT sha256, CASE WHEN source = 'liked' THEN epoch(added_at) END FROM gallery").fetchall()}
     return keys, X, np.array([liked_at.get(k, np.nan) for k in keys], dtype=np.float64)
@@ -144,8 +145,13 @@ def choose_embed_model(con: Any, settings: Settings) -> str | None:
     return str(rows[0][0])
 
 
-def heldout_rows(liked_at: np.ndarray, active_created: datetime | None, seed: int = 0) -> tuple[np.ndarray, str]:
-    """Indices of liked images the comparison is judged on, and how they were chosen."""
+def heldout_rows(keys: list[str], liked_at: np.ndarray, active_created: datetime | None,
+                 seed: int = 0) -> tuple[np.ndarray, str]:
+    """Indices of liked images the comparison is judged on, and how they were chosen.
+
+    The fallback sample is chosen by a seeded hash of each image's sha256, so it does not
+    depend on the order the warehouse returns rows in.
+    """
     is_liked = ~np.isnan(liked_at)
     if active_created is not None:
         new = np.flatnonzero(is_liked & (liked_at > active_created.timestamp()))
@@ -154,9 +160,11 @@ def heldout_rows(liked_at: np.ndarray, active_created: datetime | None, seed: in
     liked_idx = np.flatnonzero(is_liked)
     if len(liked_idx) < 3:
         return np.empty(0, dtype=np.int64), "fewer than 3 liked images"
-    rng = np.random.default_rng(seed + 11)
     take = max(1, min(5000, len(liked_idx) // 10))
-    return np.sort(rng.choice(liked_idx, size=take, replace=False)), f"a seeded sample of {take} liked images"
+    salt = str(seed).encode()
+    rank = np.array([hashlib.sha256(salt + keys[i].encode()).digest()[:8] for i in liked_idx], dtype="S8")
+    chosen = liked_idx[np.argsort(rank, kind="stable")[:take]]
+    return np.sort(chosen), f"a seeded sample of {take} liked images"
 
 
 # ---- rescoring the week --------------------------------------------------------------------------
@@ -225,11 +233,11 @@ def refit(settings: Settings, week: str | None = None, seed: int = 0) -> RefitRe
         if embed_model is None:
             result.note = "no gallery embeddings yet: run `mining init --liked DIR` first"
         else:
-            _, liked, liked_at = gallery_matrix(con, embed_model)
+            keys, liked, liked_at = gallery_matrix(con, embed_model)
             since = end - timedelta(weeks=settings.refit_unlabelled_weeks)
             stream = stream_matrix(con, embed_model, since, end, settings.refit_max_unlabelled)
             active_created = datetime.fromisoformat(active.created_at) if active else None
-            held, how = heldout_rows(liked_at, active_created, seed)
+            held, how = heldout_rows(keys, liked_at, active_created, seed)
             result.train_size, result.unlabelled_size, result.heldout_size = len(liked) - len(held), len(stream), len(held)
             if len(held) == 0 or len(liked) - len(held) < 2 or len(stream) == 0:
                 result.note = (f"refit skipped: {len(liked)} gallery images, {len(held)} held out ({how}), "

@@ -643,11 +643,14 @@ def render_html(data: dict[str, Any], sheet_jpeg: bytes) -> str:
 def _refit_summary(r: dict[str, Any] | None) -> str:
     if not r:
         return "No refit recorded for this week."
+    if not r["new_version"]:
+        return f"No candidate model this week: {r['note']}"
     verdict = "activated" if r["activated"] else "kept the active model"
-    return (f"Candidate {r['new_version']} vs active {r['active_version'] or 'none'}: "
-            f"{r['new_metric'] if r['new_metric'] is None else round(r['new_metric'], 4)} vs "
-            f"{r['active_metric'] if r['active_metric'] is None else round(r['active_metric'], 4)} "
-            f"held-out AUROC; {verdict}. Rescoring {r['rescored']} stored images: {r['changed']} decisions change "
+    def auc(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.4f}"
+
+    return (f"Candidate {r['new_version']} vs active {r['active_version'] or 'none'}: held-out AUROC "
+            f"{auc(r['new_metric'])} vs {auc(r['active_metric'])}; {verdict}. Rescoring {r['rescored']} stored images: {r['changed']} decisions change "
             f"({r['accepted_to_rejected']} accepted→rejected, {r['rejected_to_accepted']} rejected→accepted)."
             + (f" {r['note']}" if r.get("note") else ""))
 

@@ -339,99 +339,109 @@ class Warehouse:
 
     # -- loading from the lake ---------------------------------------------------------
     def load(self, interval: Interval) -> StepResult:
-        """Replace the interval's lake-derived rows with the lake's partitions, in ONE transaction."""
+        """Replace the interval's lake-derived rows with the lake's partitions, in ONE transaction.
+
+        Each table is replaced with one DELETE and one INSERT over all the interval's partition
+        files (DuckDB reads the Parquet directly), so a day loads in a handful of statements.
+        """
         self._require_writer()
+        lake = self.settings.lake_dir
+        hours = interval.hours()
         counts: Counter[str] = Counter()
+        loaded_hours: set[datetime] = set()
         with self.transaction():
-            for hour in interval.hours():
-                self._load_hour(hour, counts)
+            for table, (columns, key, order) in LAKE_TABLES.items():
+                parts = [(partition_path(lake, table, h), utc(h.start)) for h in hours]
+                present = [(p, t) for p, t in parts if p.exists()]
+                counts[f"missing_{table}"] += len(parts) - len(present)
+                if not present:
+                    continue
+                loaded_hours.update(t for _, t in present)
+                with self._parts(present):
+                    counts[f"deleted_{table}"] += self._scalar(
+                        f"DELETE FROM {table} WHERE interval_start IN (SELECT _part_start FROM _parts)")
+                    select = ", ".join(f"r.{_cast(c)}" for c in columns)
+                    dedupe = (f" QUALIFY row_number() OVER (PARTITION BY r.filename, {_prefixed(key)} "
+                              f"ORDER BY {_prefixed(order)}) = 1") if key else ""
+                    counts[table] += self._scalar(
+                        f"INSERT INTO {table} ({', '.join(columns)}, interval_start) "
+                        f"SELECT {select}, p._part_start FROM read_parquet(?, filename = true) r "
+                        f"JOIN _parts p ON p._part_file = r.filename{dedupe}", [[str(p) for p, _ in present]])
+                    if table == "candidates":
+                        counts["images_upserted"] += self._upsert_images(present)
+            scores = [(partition_path(lake, "scores", h), utc(h.start)) for h in hours]
+            present_scores = [(p, t) for p, t in scores if p.exists()]
+            counts["missing_scores"] += len(scores) - len(present_scores)
+            rescores = [(p, utc(h.start)) for h in hours for p in sorted(rescore_dir(self.settings, h).glob("*.parquet"))]
+            loaded_hours.update(t for _, t in present_scores + rescores)
+            counts.update(self._load_scores(present_scores, rescores))
+        counts["hours_loaded"] += len(loaded_hours)
+        counts["hours_empty"] += len(hours) - len(loaded_hours)
         return StepResult("load", str(interval), str(self.settings.warehouse_path), dict(counts))
 
-    def _load_hour(self, hour: Interval, counts: Counter[str]) -> None:
-        lake = self.settings.lake_dir
-        start = utc(hour.start)
-        present = 0
-        for table, (columns, key, order) in LAKE_TABLES.items():
-            path = partition_path(lake, table, hour)
-            if not path.exists():
-                counts[f"missing_{table}"] += 1
-                continue
-            present += 1
-            counts[f"deleted_{table}"] += self._delete(f"DELETE FROM {table} WHERE interval_start = ?", [start])
-            select = ", ".join(_cast(c) for c in columns)
-            dedupe = f" QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY {order}) = 1" if key else ""
-            self.con.execute(
-                f"INSERT INTO {table} ({', '.join(columns)}, interval_start) "
-                f"SELECT {select}, ?::TIMESTAMP FROM read_parquet(?){dedupe}", [start, str(path)])
-            counts[table] += self._count(table, start)
-            if table == "candidates":
-                counts["images_upserted"] += self._upsert_images(path, start)
-        scores_path = partition_path(lake, "scores", hour)
-        rescore_paths = sorted(rescore_dir(self.settings, hour).glob("*.parquet"))
-        if scores_path.exists() or rescore_paths:
-            present += 1
-            counts.update(self._load_scores(start, scores_path if scores_path.exists() else None, rescore_paths))
-        else:
-            counts["missing_scores"] += 1
-        counts["hours_loaded" if present else "hours_empty"] += 1
+    @contextmanager
+    def _parts(self, parts: list[tuple[Path, datetime]]) -> Iterator[None]:
+        """Register (_part_file, _part_start): which hour each partition file belongs to."""
+        table = pa.table({"_part_file": [str(p) for p, _ in parts],
+                          "_part_start": pa.array([t for _, t in parts], type=pa.timestamp("us"))})
+        self.con.register("_parts", table)
+        try:
+            yield
+        finally:
+            self.con.unregister("_parts")
 
-    def _load_scores(self, start: datetime, scores_path: Path | None, rescore_paths: list[Path]) -> Counter[str]:
-        """Pipeline rows replace the hour's pipeline rows; rescore rows replace their model's rows."""
+    def _load_scores(self, pipeline: list[tuple[Path, datetime]], rescores: list[tuple[Path, datetime]]) -> Counter[str]:
+        """Pipeline partitions replace their hours' pipeline rows; rescore files replace their (hour, model) rows.
+
+        A rescore row never shadows a pipeline row of the same (candidate, model): the pipeline wins.
+        """
         counts: Counter[str] = Counter()
-        select = ", ".join(_cast(c) for c in SCORE_COLUMNS)
+        select = ", ".join(f"r.{_cast(c)}" for c in SCORE_COLUMNS)
         cols = ", ".join(SCORE_COLUMNS)
-        pipeline_models: list[str] = []
-        if scores_path is not None:
-            pipeline_models = [r[0] for r in self.con.execute(
-                "SELECT DISTINCT novelty_model FROM read_parquet(?) WHERE novelty_model IS NOT NULL",
-                [str(scores_path)]).fetchall()]
-            counts["deleted_scores"] += self._delete(
-                "DELETE FROM scores WHERE interval_start = ? AND (origin = 'score' OR list_contains(?, novelty_model))",
-                [start, pipeline_models])
-            self.con.execute(
-                f"INSERT INTO scores ({cols}, interval_start, origin) SELECT {select}, ?::TIMESTAMP, 'score' "
-                f"FROM read_parquet(?) QUALIFY row_number() OVER (PARTITION BY candidate_id "
-                f"ORDER BY scored_at DESC NULLS LAST, novelty_model) = 1", [start, str(scores_path)])
-            counts["scores"] += self._count("scores", start, "origin = 'score'")
-        else:
-            counts["missing_scores"] += 1
-        for path in rescore_paths:
-            models = [r[0] for r in self.con.execute(
-                "SELECT DISTINCT novelty_model FROM read_parquet(?) WHERE novelty_model IS NOT NULL",
-                [str(path)]).fetchall()]
-            counts["deleted_scores"] += self._delete(
-                "DELETE FROM scores WHERE interval_start = ? AND origin = 'rescore' AND list_contains(?, novelty_model)",
-                [start, models])
-            self.con.execute(
-                f"INSERT INTO scores ({cols}, interval_start, origin) SELECT {select}, ?::TIMESTAMP, 'rescore' "
-                f"FROM read_parquet(?) WHERE novelty_model IS NOT NULL AND NOT list_contains(?, novelty_model) "
-                f"QUALIFY row_number() OVER (PARTITION BY candidate_id, novelty_model "
-                f"ORDER BY scored_at DESC NULLS LAST) = 1", [start, str(path), pipeline_models])
-            counts["rescores"] += self._count("scores", start, "origin = 'rescore' AND list_contains(?, novelty_model)",
-                                              [models])
+        for origin, parts in (("score", pipeline), ("rescore", rescores)):
+            if not parts:
+                continue
+            key = "r.candidate_id" if origin == "score" else "r.candidate_id, r.novelty_model"
+            with self._parts(parts):
+                self.con.execute(
+                    f"CREATE OR REPLACE TEMP TABLE _new_scores AS SELECT {select}, p._part_start AS interval_start "
+                    f"FROM read_parquet(?, filename = true) r JOIN _parts p ON p._part_file = r.filename "
+                    f"{'WHERE r.novelty_model IS NOT NULL ' if origin == 'rescore' else ''}"
+                    f"QUALIFY row_number() OVER (PARTITION BY r.filename, {key} "
+                    f"ORDER BY r.scored_at DESC NULLS LAST, r.novelty_model) = 1", [[str(p) for p, _ in parts]])
+                try:
+                    if origin == "score":  # every pipeline row of these hours, even if the new file is empty
+                        counts["deleted_scores"] += self._scalar(
+                            "DELETE FROM scores s WHERE s.interval_start IN (SELECT _part_start FROM _parts) "
+                            "AND (s.origin = 'score' OR EXISTS (SELECT 1 FROM _new_scores n WHERE n.interval_start = "
+                            "s.interval_start AND n.novelty_model = s.novelty_model))")
+                    else:
+                        counts["deleted_scores"] += self._scalar(
+                            "DELETE FROM scores s WHERE s.origin = 'rescore' AND s.interval_start IN "
+                            "(SELECT _part_start FROM _parts) AND EXISTS (SELECT 1 FROM _new_scores n WHERE "
+                            "n.interval_start = s.interval_start AND n.novelty_model = s.novelty_model)")
+                    counts["scores" if origin == "score" else "rescores"] += self._scalar(
+                        f"INSERT INTO scores ({cols}, interval_start, origin) SELECT n.*, '{origin}' FROM _new_scores n "
+                        f"ANTI JOIN scores s ON s.origin = 'score' AND s.interval_start = n.interval_start "
+                        f"AND s.candidate_id = n.candidate_id AND s.novelty_model = n.novelty_model")
+                finally:
+                    self.con.execute("DROP TABLE IF EXISTS _new_scores")
         return counts
 
-    def _upsert_images(self, path: Path, start: datetime) -> int:
+    def _upsert_images(self, parts: list[tuple[Path, datetime]]) -> int:
         """Distinct downloaded images; first_seen only moves earlier, so reloads change nothing."""
         before = self._scalar("SELECT count(*) FROM images")
         self.con.execute(
             "INSERT INTO images (sha256, path, format, width, height, bytes, first_seen) "
-            "SELECT sha256, arg_min(path, candidate_id), arg_min(format, candidate_id), arg_min(width, candidate_id), "
-            "arg_min(height, candidate_id), arg_min(bytes, candidate_id), ?::TIMESTAMP "
-            "FROM read_parquet(?) WHERE status = 'downloaded' AND sha256 IS NOT NULL GROUP BY sha256 "
+            "SELECT r.sha256, arg_min(r.path, r.candidate_id), arg_min(r.format, r.candidate_id), "
+            "arg_min(r.width, r.candidate_id), arg_min(r.height, r.candidate_id), arg_min(r.bytes, r.candidate_id), "
+            "min(p._part_start) FROM read_parquet(?, filename = true) r JOIN _parts p ON p._part_file = r.filename "
+            "WHERE r.status = 'downloaded' AND r.sha256 IS NOT NULL GROUP BY r.sha256 "
             "ON CONFLICT (sha256) DO UPDATE SET first_seen = least(images.first_seen, excluded.first_seen), "
             "path = coalesce(images.path, excluded.path), format = coalesce(images.format, excluded.format), "
             "width = coalesce(images.width, excluded.width), height = coalesce(images.height, excluded.height), "
-            "bytes = coalesce(images.bytes, excluded.bytes)", [start, str(path)])
+            "bytes = coalesce(images.bytes, excluded.bytes)", [[str(p) for p, _ in parts]])
         return self._scalar("SELECT count(*) FROM images") - before
-
-    def _delete(self, sql: str, params: list[Any]) -> int:
-        row = _first(self.con.execute(sql, params).fetchall())
-        return int(row[0]) if row else 0
-
-    def _count(self, table: str, start: datetime, where: str = "", params: list[Any] | None = None) -> int:
-        extra = f" AND {where}" if where else ""
-        return self._scalar(f"SELECT count(*) FROM {table} WHERE interval_start = ?{extra}", [start, *(params or [])])
 
     def _scalar(self, sql: str, params: list[Any] | None = None) -> int:
         row = _first(self.con.execute(sql, params or []).fetchall())
@@ -651,18 +661,17 @@ def rescore(settings: Settings, interval: Interval, model: Any = None) -> StepRe
     counts: Counter[str] = Counter()
     written: list[Interval] = []
     scored_at = _now()
-    for hour in interval.hours():
-        scores = read_partition(settings.lake_dir, "scores", hour)
-        if scores is None:
-            counts["hours_without_scores"] += 1
-            continue
-        embeddings = read_partition(settings.lake_dir, "embeddings", hour)
-        rows = rescore_rows(scores.to_pylist(), embeddings, model, version, embed_model, scored_at, hour, counts)
-        atomic_write_table(pa.Table.from_pylist(rows, SCORES), rescore_path(settings, hour, version))
-        written.append(hour)
-        counts["rescored"] += len(rows)
-        counts.update(f"rescored_{r['decision']}" for r in rows)
     with Warehouse.open(settings) as wh:
+        for hour in interval.hours():
+            scores, embeddings = _stored_scores(settings, wh, hour, counts)
+            if scores is None:
+                counts["hours_without_scores"] += 1
+                continue
+            rows = rescore_rows(scores, embeddings, model, version, embed_model, scored_at, hour, counts)
+            atomic_write_table(pa.Table.from_pylist(rows, SCORES), rescore_path(settings, hour, version))
+            written.append(hour)
+            counts["rescored"] += len(rows)
+            counts.update(f"rescored_{r['decision']}" for r in rows)
         known = wh._scalar("SELECT count(*) FROM model_versions WHERE version = ?", [version])
         if not known and hasattr(model, "kind"):
             wh.upsert_model_version(version=version, kind="novelty", params=getattr(model, "params", None),
@@ -670,11 +679,27 @@ def rescore(settings: Settings, interval: Interval, model: Any = None) -> StepRe
                                     metrics=getattr(model, "metrics", None), threshold=float(model.threshold),
                                     created_at=getattr(model, "created_at", None))
         with wh.transaction():
-            for hour in written:
-                counts.update(wh._load_scores(utc(hour.start), None, [rescore_path(settings, hour, version)]))
+            counts.update(wh._load_scores([], [(rescore_path(settings, h, version), utc(h.start)) for h in written]))
     counts.pop("missing_scores", None)
     path = str(rescore_dir(settings, written[0]).parent) if written else None
     return StepResult("rescore", str(interval), path, dict(counts))
+
+
+def _stored_scores(settings: Settings, wh: Warehouse, hour: Interval,
+                   counts: Counter[str]) -> tuple[list[dict[str, Any]] | None, pa.Table | None]:
+    """The hour's pipeline score rows and embeddings: from the lake, else from the warehouse (a pruned lake)."""
+    scores = read_partition(settings.lake_dir, "scores", hour)
+    if scores is not None:
+        return scores.to_pylist(), read_partition(settings.lake_dir, "embeddings", hour)
+    start = utc(hour.start)
+    rows = wh.rows(f"SELECT {', '.join(SCORE_COLUMNS)} FROM scores WHERE interval_start = ? AND origin = 'score'",
+                   [start])
+    if not rows:
+        return None, None
+    counts["hours_from_warehouse"] += 1
+    embeddings = wh.con.sql("SELECT sha256, model, dim, embedding FROM embeddings WHERE interval_start = ?",
+                            params=[start]).to_arrow_table()
+    return rows, embeddings
 
 
 def rescore_rows(scores: list[dict[str, Any]], embeddings: pa.Table | None, model: Any, version: str,
@@ -759,8 +784,13 @@ def _first(rows: list[tuple]) -> tuple | None:
     return rows[0] if rows else None
 
 
+def _prefixed(columns: str) -> str:
+    """'a, b DESC' -> 'r.a, r.b DESC' (qualify lake columns in the loader's joins)."""
+    return ", ".join(f"r.{part.strip()}" for part in columns.split(","))
+
+
 def _cast(column: str) -> str:
-    return f"{column}::TIMESTAMP" if column in TIMESTAMP_COLUMNS else column
+    return f"{column}::TIMESTAMP AS {column}" if column in TIMESTAMP_COLUMNS else column
 
 
 def _is_current(con: duckdb.DuckDBPyConnection) -> bool:

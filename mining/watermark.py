@@ -6,15 +6,20 @@ Two detectors share one interface (:class:`WatermarkDetector`):
   on 512x512 RGB, ``x/255``, mean/std 0.5, one logit, sigmoid. For users who have such
   a model (it cannot be obtained here).
 * :class:`TrainedDetector`, the default: no labelled watermark set or fine-tuned CNN is
-  reachable offline, but a real pretrained text detector is (PP-OCRv4 det, shipped in the
-  ``rapidocr_onnxruntime`` wheel). Its per-pixel text probability map, summarised per
-  region (corners, centre, borders, a tile grid) at a resolution where small corner text
-  survives, feeds a small scikit-learn head trained on watermarks :mod:`mining.synth`
-  stamps over the user's own clean photos. The head is stored as plain arrays (npz) and
-  JSON metadata, never pickle, so loading a model file cannot run code.
+  reachable offline, but a real pretrained text detector and recogniser are (PP-OCRv4 det
+  and rec, shipped in the ``rapidocr_onnxruntime`` wheel; used only as ONNX files). The
+  detector's text probability map at 960 px is summarised per region (corners, centre,
+  borders, a tile grid) and by the shape of its connected regions (watermark text is thin,
+  straight and often repeated in parallel; false alarms on photos are blobs); the largest
+  regions are then cropped and read by the recogniser, because real text reads as
+  confident characters and rock texture does not. A small scikit-learn head (MLP) is
+  trained on watermarks :mod:`mining.synth` stamps over the user's own clean photos and
+  stored as plain arrays (npz) plus JSON metadata, never pickle, so loading a model file
+  cannot run code.
 
-Runtime needs onnxruntime, numpy and scikit-learn only; training is ``train()``
-(``mining watermark train --clean DIR``), measurement is ``evaluate()``.
+Runtime needs onnxruntime, numpy and scikit-learn (its scipy for connected regions);
+training is ``train()`` (``mining watermark train --clean DIR``), measurement is
+``evaluate()`` (``mining watermark evaluate --clean DIR``).
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,8 +46,8 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 OCR_DET_FILE = "ch_PP-OCRv4_det_infer.onnx"
-FEATURE_VERSION = "textmap-v1"  # the summary of a text map into features
-MAP_VERSION = "ppocrv4-det-maxpool2-u8"  # how a text map is computed
+FEATURE_VERSION = "textmap-v1+read-v2"  # the summary of a text map into features
+MAP_VERSION = "ppocrv4-det-maxpool2-u8+rec8x2-v2"  # how the cached evidence (map, readings) is computed
 SYNTH_VERSION = "synth-v1"
 HEAD_FILE = "head.npz"
 META_FILE = "meta.json"
@@ -172,6 +178,62 @@ REGIONS: dict[str, tuple[float, float, float, float]] = {
 }
 REGION_STATS = ("max", "mean", "q99", "q999", "frac10", "frac30", "frac60")
 GRID = 4
+COMPONENT_FEATURES = (
+    "n_components", "n_textlike", "n_textlike_border", "n_textlike_centre", "textlike_area", "blob_area",
+    "max_elongation", "max_rect_elongated", "best_text_score", "max_parallel", "text_len_max", "text_width_median",
+    "text_prob_max", "largest_area", "largest_elongation", "largest_rect",
+)
+
+
+def component_features(p: np.ndarray, level: float = 0.3) -> np.ndarray:
+    """Shape of the connected regions above ``level``: watermark text is thin, straight, rectangular
+    and often repeated in parallel; the detector's false alarms on photos are blobs."""
+    from scipy import ndimage
+
+    h, w = p.shape
+    labels, n = ndimage.label(p > level)
+    out = np.zeros(len(COMPONENT_FEATURES), dtype=np.float32)
+    if n == 0:
+        return out
+    ys, xs = np.nonzero(labels)
+    lab = labels[ys, xs]
+    area = np.bincount(lab, minlength=n + 1)[1:].astype(np.float64)
+    keep = area >= 4
+    if not keep.any():
+        return out
+
+    def mean(v: np.ndarray) -> np.ndarray:
+        return np.bincount(lab, weights=v, minlength=n + 1)[1:] / np.maximum(area, 1)
+
+    mx, my = mean(xs.astype(np.float64)), mean(ys.astype(np.float64))
+    cxx = mean(xs.astype(np.float64) ** 2) - mx**2 + 1 / 12
+    cyy = mean(ys.astype(np.float64) ** 2) - my**2 + 1 / 12
+    cxy = mean(xs.astype(np.float64) * ys) - mx * my
+    tr, det = cxx + cyy, cxx * cyy - cxy**2
+    disc = np.sqrt(np.maximum(tr**2 / 4 - det, 0))
+    l1, l2 = tr / 2 + disc, np.maximum(tr / 2 - disc, 1e-6)
+    length, width = np.sqrt(12 * l1), np.sqrt(12 * l2)
+    elong = length / width
+    rect = area / np.maximum(length * width, 1e-6)
+    angle = np.degrees(0.5 * np.arctan2(2 * cxy, cxx - cyy)) % 180
+    prob = mean(p[ys, xs].astype(np.float64))
+    text = keep & (elong >= 2.5) & (rect >= 0.7) & (area >= 6)
+    fx, fy = mx / w, my / h
+    border = ((fx < 0.35) | (fx > 0.65)) & ((fy < 0.3) | (fy > 0.7)) | (fy > 0.8) | (fy < 0.12)
+    centre = (np.abs(fx - 0.5) < 0.25) & (np.abs(fy - 0.5) < 0.25)
+    big = np.argmax(np.where(keep, area, -1))
+    elongated = keep & (elong >= 2)
+    parallel = np.bincount((angle[text] // 10).astype(int) % 18, minlength=18).max() if text.any() else 0
+    out[:] = [
+        np.log1p(keep.sum()), np.log1p(text.sum()), np.log1p((text & border).sum()), np.log1p((text & centre).sum()),
+        area[text].sum() / (h * w), area[keep & ~text].sum() / (h * w),
+        min(elong[keep].max(), 20.0), rect[elongated].max() if elongated.any() else 0.0,
+        float(np.max(np.minimum(elong, 10) * np.minimum(rect, 1.2) * prob * keep)),
+        np.log1p(parallel), length[text].max() / w if text.any() else 0.0,
+        np.median(width[text]) / h if text.any() else 0.0, prob[text].max() if text.any() else 0.0,
+        area[big] / (h * w), min(elong[big], 20.0), rect[big],
+    ]
+    return out
 
 
 class TextMapFeatures:
@@ -189,6 +251,7 @@ class TextMapFeatures:
         names += [f"grid_max_rank{i}" for i in range(GRID * GRID)]
         names += [f"grid_frac30_rank{i}" for i in range(GRID * GRID)]
         names += ["rows_active", "cols_active", "border_vs_centre"]
+        names += [f"cc.{n}" for n in COMPONENT_FEATURES] + [f"cc60.{n}" for n in COMPONENT_FEATURES]
         return names
 
     def prob_map(self, image: Image.Image) -> np.ndarray:
@@ -236,7 +299,170 @@ class TextMapFeatures:
         cols = (p > 0.3).any(axis=0).mean()
         centre = p[h // 4: 3 * h // 4, w // 4: 3 * w // 4].mean()
         out += [float(rows), float(cols), float(p.mean() - centre)]
-        return np.asarray(out, dtype=np.float32)
+        return np.concatenate([np.asarray(out, dtype=np.float32), component_features(p, 0.3),
+                               component_features(p, 0.6)])
+
+
+OCR_REC_FILE = "ch_PP-OCRv4_rec_infer.onnx"
+READ_FEATURES = ("read_best_conf", "read_best_chars", "read_n_conf50", "read_n_conf80", "read_chars_conf80",
+                 "read_mean_conf", "read_best_textlike_conf", "read_second_conf", "read_third_conf",
+                 "read_best_border_conf", "read_best_centre_conf")
+MAX_READ = 8  # regions read per image: the largest candidates
+
+
+def find_text_recogniser(settings: Settings | None = None) -> Path | None:
+    """The PP-OCRv4 recogniser ONNX: the registry's copy (``ppocr-v4-rec``) or the installed wheel's file."""
+    candidates: list[Path] = []
+    if settings is not None:
+        try:
+            from mining.models import model_path  # type: ignore[attr-defined]
+
+            candidates.append(Path(model_path(settings, "ppocr-v4-rec")))
+        except Exception:  # not registered or not installed
+            pass
+        candidates.append(settings.models_dir / OCR_REC_FILE)
+    spec = importlib.util.find_spec("rapidocr_onnxruntime")
+    if spec is not None and spec.origin:
+        candidates.append(Path(spec.origin).parent / "models" / OCR_REC_FILE)
+    return next((p for p in candidates if p.is_file()), None)
+
+
+def text_regions(text_map: np.ndarray, level: float = 0.3, limit: int = MAX_READ) -> list[dict[str, float]]:
+    """Oriented boxes (map pixels) of the largest regions above ``level``, biggest first."""
+    from scipy import ndimage
+
+    p = text_map.astype(np.float32) / 255.0 if text_map.dtype == np.uint8 else text_map
+    labels, n = ndimage.label(p > level)
+    if n == 0:
+        return []
+    ys, xs = np.nonzero(labels)
+    lab = labels[ys, xs]
+    area = np.bincount(lab, minlength=n + 1)[1:].astype(np.float64)
+
+    def mean(v: np.ndarray) -> np.ndarray:
+        return np.bincount(lab, weights=v, minlength=n + 1)[1:] / np.maximum(area, 1)
+
+    fx, fy = xs.astype(np.float64), ys.astype(np.float64)
+    mx, my = mean(fx), mean(fy)
+    cxx, cyy = mean(fx**2) - mx**2 + 1 / 12, mean(fy**2) - my**2 + 1 / 12
+    cxy = mean(fx * fy) - mx * my
+    tr, det = cxx + cyy, cxx * cyy - cxy**2
+    disc = np.sqrt(np.maximum(tr**2 / 4 - det, 0))
+    length, width = np.sqrt(12 * (tr / 2 + disc)), np.sqrt(12 * np.maximum(tr / 2 - disc, 1e-6))
+    angle = np.degrees(0.5 * np.arctan2(2 * cxy, cxx - cyy))
+    rect = area / np.maximum(length * width, 1e-6)
+    order = [i for i in np.argsort(-area) if area[i] >= 6][:limit]
+    return [{"x": mx[i], "y": my[i], "length": length[i], "width": width[i], "angle": angle[i],
+             "textlike": float(length[i] / width[i] >= 2.5 and rect[i] >= 0.7)} for i in order]
+
+
+class TextReader:
+    """PP-OCRv4 recogniser as a verifier: real text reads as confident characters, texture does not."""
+
+    def __init__(self, model_path: Path | str, threads: int = 0) -> None:
+        self.model_path = Path(model_path)
+        self.session = _session(self.model_path, threads)
+        self.input_name = self.session.get_inputs()[0].name
+
+    @staticmethod
+    def crop(image: Image.Image, region: dict[str, float], map_shape: tuple[int, int]) -> Image.Image:
+        """The region's text line, rotated horizontal; DB maps shrink text, so the box is grown back."""
+        sx, sy = image.width / map_shape[1], image.height / map_shape[0]
+        s = (sx + sy) / 2
+        height = region["width"] * s * 2.6 + 4
+        length = region["length"] * s + region["width"] * s * 1.2 + 4
+        cx, cy = region["x"] * sx + sx / 2, region["y"] * sy + sy / 2
+        r = int(np.hypot(length, height) / 2) + 2
+        box = (int(cx) - r, int(cy) - r, int(cx) + r, int(cy) + r)
+        patch = image.crop(box).rotate(region["angle"], resample=Image.BILINEAR)
+        c = patch.width / 2
+        return patch.crop((int(c - length / 2), int(c - height / 2), int(c + length / 2), int(c + height / 2)))
+
+    def read(self, crops: Sequence[Image.Image]) -> list[tuple[float, int]]:
+        """(mean confidence of the decoded characters, number of characters) per crop."""
+        if not crops:
+            return []
+        arrays = []
+        for im in crops:
+            w = int(np.clip(round(48 * im.width / max(1, im.height)), 16, 640))
+            arrays.append(np.asarray(im.convert("RGB").resize((w, 48), Image.BILINEAR), dtype=np.float32))
+        width = max(a.shape[1] for a in arrays)
+        batch = np.zeros((len(arrays), 3, 48, width), dtype=np.float32)
+        for i, a in enumerate(arrays):
+            batch[i, :, :, : a.shape[1]] = (a[:, :, ::-1] / 127.5 - 1.0).transpose(2, 0, 1)
+        probs = self.session.run(None, {self.input_name: batch})[0]
+        out = []
+        for i, a in enumerate(arrays):
+            steps = max(1, round(probs.shape[1] * a.shape[1] / width))
+            pr = probs[i, :steps]
+            best, conf = pr.argmax(axis=1), pr.max(axis=1)
+            keep = (best != 0) & np.concatenate([[True], best[1:] != best[:-1]])
+            out.append((float(conf[keep].mean()) if keep.any() else 0.0, int(keep.sum())))
+        return out
+
+    def features(self, image: Image.Image, text_map: np.ndarray) -> np.ndarray:
+        regions = text_regions(text_map)
+        crops = [self.crop(image, r, text_map.shape) for r in regions]
+        crops_ok = [(r, c) for r, c in zip(regions, crops, strict=True) if c.width >= 4 and c.height >= 4]
+        # The map's axis has no direction: read each line both ways up, keep the better reading.
+        both = self.read([c for _, c in crops_ok] + [c.rotate(180) for _, c in crops_ok])
+        k = len(crops_ok)
+        reads = [max(a, b) for a, b in zip(both[:k], both[k:], strict=True)]
+        if not reads:
+            return np.zeros(len(READ_FEATURES), dtype=np.float32)
+        conf = np.asarray([c for c, _ in reads])
+        chars = np.asarray([n for _, n in reads])
+        score = conf * (chars >= 2)
+        best = int(np.argmax(score))
+        textlike = np.asarray([r["textlike"] for r, _ in crops_ok]) > 0
+        h, w = text_map.shape
+        fx = np.asarray([r["x"] / w for r, _ in crops_ok])
+        fy = np.asarray([r["y"] / h for r, _ in crops_ok])
+        border = (((fx < 0.35) | (fx > 0.65)) & ((fy < 0.3) | (fy > 0.7))) | (fy > 0.8) | (fy < 0.12)
+        centre = (np.abs(fx - 0.5) < 0.25) & (np.abs(fy - 0.5) < 0.25)
+        ranked = np.sort(score)[::-1]
+        return np.asarray([
+            score[best], np.log1p(chars[best]), np.log1p(((conf >= 0.5) & (chars >= 2)).sum()),
+            np.log1p(((conf >= 0.8) & (chars >= 2)).sum()), np.log1p(chars[(conf >= 0.8)].sum()),
+            float(conf.mean()), float(score[textlike].max()) if textlike.any() else 0.0,
+            ranked[1] if len(ranked) > 1 else 0.0, ranked[2] if len(ranked) > 2 else 0.0,
+            float(score[border].max()) if border.any() else 0.0, float(score[centre].max()) if centre.any() else 0.0,
+        ], dtype=np.float32)
+
+
+class TextEvidence:
+    """Everything the default detector looks at: the text map's summary plus what reads as text."""
+
+    def __init__(self, det_path: Path | str, rec_path: Path | str, long_side: int = 960, threads: int = 0) -> None:
+        self.mapper = TextMapFeatures(det_path, long_side=long_side, threads=threads)
+        self.reader = TextReader(rec_path, threads=threads)
+        self.long_side = long_side
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None, long_side: int = 960, threads: int = 0) -> TextEvidence:
+        det, rec = find_text_detector(settings), find_text_recogniser(settings)
+        if det is None or rec is None:
+            missing = OCR_DET_FILE if det is None else OCR_REC_FILE
+            raise FileNotFoundError(f"{missing} not found: run `mining models build` "
+                                    "(or install rapidocr_onnxruntime, whose wheel ships it)")
+        return cls(det, rec, long_side=long_side, threads=threads)
+
+    @property
+    def names(self) -> list[str]:
+        return self.mapper.names + [f"read.{n}" for n in READ_FEATURES]
+
+    def evidence(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+        """(uint8 text map, reading features): the cacheable, expensive part."""
+        text_map = self.mapper.text_map(image)
+        return text_map, self.reader.features(image, text_map)
+
+    def combine(self, text_map: np.ndarray, reads: np.ndarray) -> np.ndarray:
+        return np.concatenate([self.mapper.map_features(text_map), np.asarray(reads, dtype=np.float32)])
+
+    def features(self, images: Sequence[Image.Image]) -> np.ndarray:
+        if not images:
+            return np.zeros((0, len(self.names)), dtype=np.float32)
+        return np.stack([self.combine(*self.evidence(im)) for im in images])
 
 
 # ---------------------------------------------------------------------------- the trained head
@@ -274,8 +500,9 @@ class Head:
 
 
 def fit_head(x: np.ndarray, y: np.ndarray, seed: int = 0, hidden: tuple[int, ...] = (32,),
-             alpha: float = 1e-2) -> Head:
+             alpha: float = 3.0) -> Head:
     """Fit the head with scikit-learn and export its parameters (MLP, or logistic when hidden=())."""
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.neural_network import MLPClassifier
 
@@ -287,9 +514,12 @@ def fit_head(x: np.ndarray, y: np.ndarray, seed: int = 0, hidden: tuple[int, ...
         clf = LogisticRegression(C=1.0 / max(alpha, 1e-6), max_iter=2000, class_weight="balanced")
         clf.fit(z, y)
         return Head(mean, scale, [clf.coef_.T.astype(np.float64)], [clf.intercept_.astype(np.float64)])
-    clf = MLPClassifier(hidden_layer_sizes=hidden, alpha=alpha, max_iter=600, random_state=seed,
-                        learning_rate_init=1e-3, n_iter_no_change=30, tol=1e-5)
-    clf.fit(z, y)
+    # Strong L2: a lightly regularised MLP saturates at probability 1.0, and ties ruin calibration.
+    clf = MLPClassifier(hidden_layer_sizes=hidden, alpha=alpha, max_iter=500, random_state=seed,
+                        learning_rate_init=1e-3, n_iter_no_change=20, tol=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # the iteration cap is a deliberate time budget
+        clf.fit(z, y)
     return Head(mean, scale, [w.astype(np.float64) for w in clf.coefs_],
                 [b.astype(np.float64) for b in clf.intercepts_])
 
@@ -299,7 +529,7 @@ class TrainedDetector(WatermarkDetector):
 
     name = "watermark-default"
 
-    def __init__(self, features: TextMapFeatures, head: Head, meta: dict[str, Any],
+    def __init__(self, features: TextEvidence, head: Head, meta: dict[str, Any],
                  threshold: float | None = None) -> None:
         self.extractor = features
         self.head = head
@@ -324,10 +554,8 @@ class TrainedDetector(WatermarkDetector):
                              f"{FEATURE_VERSION!r}: retrain with `mining watermark train`")
         with np.load(directory / HEAD_FILE, allow_pickle=False) as arrays:
             head = Head.from_arrays(arrays)
-        det = find_text_detector(settings)
-        if det is None:
-            raise FileNotFoundError(f"text detector {OCR_DET_FILE} not found: run `mining models build`")
-        return cls(TextMapFeatures(det, long_side=int(meta["long_side"]), threads=threads), head, meta)
+        evidence = TextEvidence.from_settings(settings, long_side=int(meta["long_side"]), threads=threads)
+        return cls(evidence, head, meta)
 
 
 def save_head(directory: Path, head: Head, meta: dict[str, Any]) -> Path:
@@ -449,8 +677,8 @@ def cache_key(digest: str, n_pos: int, n_neg: int, seed: int, long_side: int) ->
                           .encode()).hexdigest()[:32]
 
 
-def example_maps(extractor: TextMapFeatures, photo: Path, n_pos: int, n_neg: int, seed: int,
-                 cache_dir: Path | None) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
+def example_evidence(extractor: TextEvidence, photo: Path, n_pos: int, n_neg: int, seed: int,
+                     cache_dir: Path | None) -> tuple[list[np.ndarray], list[np.ndarray], list[dict[str, Any]]]:
     """Synthesise one photo's examples and run the text detector on them, cached by content and recipe.
 
     The cache keeps the (small, uint8) text maps, so changing the feature summary or the
@@ -466,36 +694,39 @@ def example_maps(extractor: TextMapFeatures, photo: Path, n_pos: int, n_neg: int
             with np.load(cached, allow_pickle=False) as z:
                 metas = json.loads(str(z["meta"]))
                 maps = [z[f"m{i}"] for i in range(len(metas))]
+                reads = [z[f"r{i}"] for i in range(len(metas))]
             for m in metas:
                 m.update(photo=photo.name, photo_sha256=digest)
-            return maps, metas
+            return maps, reads, metas
         except (OSError, ValueError, KeyError):
             log.warning("watermark: ignoring unreadable cache file %s", cached)
     rng = np.random.default_rng([seed, int(digest[:15], 16)])
     base = open_for_detection(photo, 4096)
-    maps, metas = [], []
+    maps, reads, metas = [], [], []
     for positive, kind, strength in _plan(n_pos, n_neg, rng):
         img, meta = make_example(base, rng, positive, kind=kind, strength=strength)
-        maps.append(extractor.text_map(img))
+        text_map, read = extractor.evidence(img)
+        maps.append(text_map)
+        reads.append(read)
         meta.update(photo=photo.name, photo_sha256=digest)
         metas.append(meta)
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_name(f".{cached.stem}.{os.getpid()}.tmp.npz")
         np.savez_compressed(tmp, meta=np.asarray(json.dumps(metas, default=_json_default)),
-                            **{f"m{i}": m for i, m in enumerate(maps)})
+                            **{f"m{i}": m for i, m in enumerate(maps)}, **{f"r{i}": r for i, r in enumerate(reads)})
         os.replace(tmp, cached)
-    return maps, metas
+    return maps, reads, metas
 
 
-def build_dataset(extractor: TextMapFeatures, photos: Sequence[Path], n_pos: int, n_neg: int, seed: int,
+def build_dataset(extractor: TextEvidence, photos: Sequence[Path], n_pos: int, n_neg: int, seed: int,
                   cache_dir: Path | None, progress: Callable[[int, int], None] | None = None,
                   ) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
     xs, metas = [], []
     for i, photo in enumerate(photos):
         try:
-            maps, m = example_maps(extractor, photo, n_pos, n_neg, seed, cache_dir)
-            x = np.stack([extractor.map_features(t) for t in maps])
+            maps, reads, m = example_evidence(extractor, photo, n_pos, n_neg, seed, cache_dir)
+            x = np.stack([extractor.combine(t, r) for t, r in zip(maps, reads, strict=True)])
         except Exception as exc:  # one bad file must not sink the training run
             log.warning("watermark: skipping %s: %s", photo, exc)
             continue
@@ -531,13 +762,10 @@ class TrainReport:
 
 
 def _auroc(y: np.ndarray, p: np.ndarray) -> float:
+    """AUROC, or NaN when only one class is present (nothing to rank)."""
     from sklearn.metrics import roc_auc_score
 
-    return float(roc_auroc_safe(roc_auc_score, y, p))
-
-
-def roc_auroc_safe(fn: Callable[..., float], y: np.ndarray, p: np.ndarray) -> float:
-    return fn(y, p) if len(set(y.tolist())) == 2 else float("nan")
+    return float(roc_auc_score(y, p)) if len(set(y.tolist())) == 2 else float("nan")
 
 
 def calibrate_threshold(clean_scores: np.ndarray, target_fpr: float) -> float:
@@ -567,11 +795,8 @@ def train(settings: Settings, clean_dir: Path, out: Path | None = None, n_per_im
     if not files:
         raise ValueError(f"no images found under {clean_dir}")
     train_files, held = split_files(files, holdout, seed) if holdout > 0 else (files, [])
-    det = find_text_detector(settings)
-    if det is None:
-        raise FileNotFoundError(f"text detector {OCR_DET_FILE} not found: run `mining models build`")
     threads = settings.intra_op_threads if threads is None else threads
-    extractor = TextMapFeatures(det, long_side=long_side, threads=threads)
+    extractor = TextEvidence.from_settings(settings, long_side=long_side, threads=threads)
     cache = settings.home / "cache" / "watermark"
     x, y, metas = build_dataset(extractor, train_files, n_per_image, neg_per_image, seed, cache, progress)
     groups = np.asarray([m["photo_sha256"] for m in metas])
@@ -593,13 +818,16 @@ def train(settings: Settings, clean_dir: Path, out: Path | None = None, n_per_im
     cv_recall = float((pos >= threshold).mean()) if len(pos) else float("nan")
     head = fit_head(x, y, seed=seed, hidden=hidden)
     train_shas = sorted(set(groups.tolist()))
-    version = "wm-" + hashlib.sha256(("".join(train_shas) + f":{seed}:{n_per_image}:{neg_per_image}:{hidden}"
-                                      ).encode()).hexdigest()[:12]
+    recipe = f":{seed}:{n_per_image}:{neg_per_image}:{hidden}:{FEATURE_VERSION}:{MAP_VERSION}:{long_side}:{target_fpr}"
+    version = "wm-" + hashlib.sha256(("".join(train_shas) + recipe).encode()).hexdigest()[:12]
     meta = {
         "name": TrainedDetector.name, "version": version, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                      time.gmtime()),
         "feature_version": FEATURE_VERSION, "synth_version": SYNTH_VERSION, "feature_names": extractor.names,
-        "long_side": extractor.long_side, "text_detector": det.name, "text_detector_sha256": _file_digest(det),
+        "long_side": extractor.long_side, "text_detector": extractor.mapper.model_path.name,
+        "text_detector_sha256": _file_digest(extractor.mapper.model_path),
+        "text_recogniser": extractor.reader.model_path.name,
+        "text_recogniser_sha256": _file_digest(extractor.reader.model_path),
         "head": {"kind": "mlp" if hidden else "logistic", "hidden": list(hidden)},
         "threshold": threshold, "target_fpr": target_fpr,
         "training": {"clean_dir": str(clean_dir), "photos": len(train_shas), "samples": len(y),
@@ -651,7 +879,7 @@ class EvalReport:
 
 
 def evaluate(settings: Settings, clean_dir: Path, detector: TrainedDetector | None = None, n_per_image: int = 8,
-             neg_per_image: int = 4, seed: int = 1, include_training_photos: bool = False,
+             neg_per_image: int = 4, seed: int = 0, include_training_photos: bool = False,
              progress: Callable[[int, int], None] | None = None) -> EvalReport:
     """Measure the detector on synthetic watermarks over photos it never saw in training."""
     t0 = time.perf_counter()
@@ -693,9 +921,3 @@ def evaluate(settings: Settings, clean_dir: Path, detector: TrainedDetector | No
         recall_by_kind_strength={f"{k}/{s}": recall(lambda m, k=k, s=s: m["kind"] == k and m["strength"] == s)
                                  for k in KINDS for s in STRENGTHS},
         excluded_training_photos=excluded, seconds=round(time.perf_counter() - t0, 1))
-
-
-def iter_scores(detector: WatermarkDetector, paths: Iterable[Path]) -> Iterable[tuple[Path, float]]:
-    """(path, probability) pairs, for scripts and the CLI."""
-    paths = list(paths)
-    return zip(paths, detector.predict_paths(paths).tolist(), strict=True)

@@ -94,7 +94,7 @@ def replay_world(home: Path, intervals: Sequence[Interval], *, oauth: bool = Fal
         server.stop()
 
 
-def mining(args: Sequence[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
+def mining(args: Sequence[str], env: dict[str, str], timeout: float = 1800) -> subprocess.CompletedProcess:
     """Run the ``mining`` CLI with ``env`` on top of the current environment; raise with its output on failure."""
     proc = subprocess.run([str(BIN / "mining"), *args], env={**os.environ, **env}, capture_output=True, text=True,
                           timeout=timeout, cwd=PROJECT_ROOT)
@@ -114,3 +114,60 @@ def decisions(home: Path) -> list[tuple]:
         _, rows = wh.query("SELECT post_id, regexp_replace(image_url, '^https?://[^/]+', ''), decision, reason "
                            "FROM mined_images ORDER BY ALL")
     return rows
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def airflow_local(tmp: Path, mining_home: Path, extra_env: dict[str, str] | None = None,
+                  timeout_s: float = 240) -> Iterator[str]:
+    """`make airflow`'s script in its own process group on a free port; yields the base URL.
+
+    Stopping signals the whole group: standalone's children outlive a kill of the parent alone.
+    """
+    import signal
+    import time
+    import urllib.request
+
+    port = free_port()
+    env = dict(os.environ)
+    for key in ("AIRFLOW__CORE__UNIT_TEST_MODE", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "AIRFLOW__CORE__DAGS_FOLDER"):
+        env.pop(key, None)  # conftest's in-process settings are not the local deployment's
+    env.update({**(extra_env or {}), "MINING_HOME": str(mining_home), "AIRFLOW_HOME": str(tmp / "airflow"),
+                "AIRFLOW_PORT": str(port)})
+    log_path = tmp / "airflow-local.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(["bash", str(PROJECT_ROOT / "scripts" / "airflow-local.sh")], env=env,
+                                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://localhost:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"airflow-local.sh exited {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(f"{base}/api/v2/dags", timeout=5) as resp:
+                    if resp.status == 200 and len(json.load(resp).get("dags", [])) >= 3:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"Airflow did not answer in {timeout_s} s:\n{log_path.read_text()[-4000:]}")
+            time.sleep(2)
+        yield base
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

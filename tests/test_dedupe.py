@@ -247,6 +247,19 @@ def test_load_or_empty_uses_settings(tmp_path: Path) -> None:
         GalleryIndex.load_or_empty(Settings(home=tmp_path, phash_size=16))
 
 
+def test_images_without_hashes_still_match_exactly(tmp_path: Path) -> None:
+    """The warehouse may hold gallery rows whose pHash is NULL (undecodable): exact matches only."""
+    rows = [(sha(1), None, None, "old:0"), (sha(2), "00" * 8, "ff" * 8, None)]
+    index = GalleryIndex.from_rows(rows, 8)
+    assert len(index) == 1 and sha(1) in index and index.sha256s() == {sha(1), sha(2)}
+    assert index.sha256s(excluding_origins={"old:0"}) == {sha(2)}
+    loaded = GalleryIndex.load(index.save(tmp_path / "i.npz"))
+    assert sha(1) in loaded and loaded.origin(sha(1)) == "old:0" and len(loaded) == 1
+    results = dedupe_batch([(sha(1), "00" * 8, "00" * 8)], loaded, THRESHOLD)
+    assert (results[0].kind, results[0].duplicate_of) == ("exact", sha(1))
+    assert loaded.add(sha(1), "0f" * 8, "f0" * 8) and loaded.nearest("0f" * 8) == (sha(1), 0)
+
+
 def test_from_rows_accepts_tuples_and_dicts() -> None:
     rows = [(sha(1), "00" * 8, "ff" * 8), (sha(2), "0f" * 8, "f0" * 8, "abc:0"),
             {"sha256": sha(3), "phash": "11" * 8, "phash_mirror": "22" * 8, "candidate_id": "def:1"}]

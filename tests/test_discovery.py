@@ -133,3 +133,20 @@ def test_report_includes_proposals(weekly_settings: Settings, activity) -> None:
     html = Path(result.html_path).read_text()
     assert "r/CityPorn" in html and "remove" in html
     assert len(PROFILES) == result.subreddits
+
+
+def test_cli_watch_edits_the_list_the_dags_read(mining_home: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from mining.cli import main
+
+    monkeypatch.setenv("MINING_HOME", str(mining_home))
+    monkeypatch.setenv("MINING_WATCH_LIST", "EarthPorn,SkyPorn")
+    s = load_settings()
+    assert main(["watch", "add", "r/CityPorn", "--note", "from the W47 report"]) == 0
+    assert main(["watch", "remove", "SkyPorn"]) == 0
+    assert main(["watch", "remove", "NeverThere"]) == 1
+    capsys.readouterr()
+    assert main(["watch", "list"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {r["subreddit"]: r["active"] for r in rows} == {"EarthPorn": True, "CityPorn": True, "SkyPorn": False}
+    assert effective_watch_list(s) == ("EarthPorn", "CityPorn")

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
+import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -319,3 +322,32 @@ def test_cli_prints_summary(settings: Settings, dev_server: DevServer, monkeypat
     summary = json.loads(capsys.readouterr().out)
     assert summary["counts"] == {"downloaded": 1, "skipped:self": 1} and summary["total"] == 2
     assert cli.main(["download", "--start", "2020-01-01T00:00:00"]) == 1  # nothing scraped there
+
+
+def test_https_verifies_the_certificate_of_the_pinned_host(settings: Settings, tmp_path: Path) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl CLI not installed")
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"], check=True, capture_output=True)
+    with DevServer() as server:
+        server.route("/a.jpg", Response(200, jpeg_bytes(), {"Content-Type": "image/jpeg"}))
+        server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_ctx.load_cert_chain(cert, key)
+        server.httpd.socket = server_ctx.wrap_socket(server.httpd.socket, server_side=True)
+        url = f"https://localhost:{server.port}/a.jpg"
+        assert Downloader(settings, store=False).fetch(url).status == "failed:tls"  # self-signed: refused
+        trusted = ssl.create_default_context(cafile=str(cert))
+        assert Downloader(settings, store=False, tls_context=trusted).fetch(url).status == "downloaded"
+
+
+def test_deadline_starts_when_the_host_slot_is_free(settings: Settings, dev_server: DevServer) -> None:
+    for i in range(3):
+        dev_server.route(f"/q/{i}.jpg", Response(200, jpeg_bytes((100 + i, 100)), {"Content-Type": "image/jpeg"},
+                                                 delay_s=0.5))
+    s = settings.replace(per_host_concurrency=1, download_workers=3, download_deadline_s=1.2, read_timeout_s=1.0)
+    results = Downloader(s).fetch_many([f"{dev_server.url}/q/{i}.jpg" for i in range(3)])
+    # 1.5 s in a queue for one host slot, yet nobody timed out: queueing is not the server's slowness.
+    assert [r.status for r in results.values()] == ["downloaded"] * 3
+    assert all(r.elapsed_s is not None and r.elapsed_s < 1.2 for r in results.values())

@@ -287,4 +287,4 @@ def test_recorded_flickr_and_imgur_with_keys(shared_reddit: Path, settings: Sett
         assert c.status == "pending" and c.url.startswith("https://live.staticflickr.com/"), c
     album = resolve(posts["4t8fw1"], s)
     assert [c.url for c in album] == ["https://i.imgur.com/3a3rJ_0.jpg", "https://i.imgur.com/3a3rJ_1.jpg"]
-    assert [c.url for c in resolve(posts["4t9jun"], s)][0] == "https://i.imgur.com/ZW7TgjO_0.jpg"
+    assert resolve(posts["4t9jun"], s)[0].url == "https://i.imgur.com/ZW7TgjO_0.jpg"

@@ -80,7 +80,7 @@ def test_build_defaults_verifies_records_and_skips_rebuild(msettings: Settings) 
     paths = models.build_defaults(msettings)
     assert sorted(p.name for p in paths) == ["ch_PP-OCRv4_det_infer.onnx", "efficientnet-lite0-v1.onnx"]
     for p in paths:
-        assert p.is_file()
+        assert p.is_file() and (p.stat().st_mode & 0o777) == 0o644
     infos = {i.spec.name: i for i in models.installed(msettings)}
     assert infos["efficientnet-lite0"].ok and infos["efficientnet-lite0"].dim == 1280
     assert infos["ppocr-v4-det"].ok and infos["ppocr-v4-det"].dim is None

@@ -159,6 +159,8 @@ def test_persistence_round_trip_gives_identical_scores(sphere: dict[str, np.ndar
         (fitted.kind, fitted.threshold, fitted.train_size, fitted.params)
     assert loaded.metrics == json.loads(json.dumps(fitted.metrics))
     assert nv.save(nsettings, fitted) == path  # saving again is a no-op
+    if kind == "knn":  # cosine relative to the stream's mean, which travels with the version
+        assert loaded.params["centered"] and loaded.model.center is not None
 
 
 @pytest.mark.parametrize("cov", ["full", "tied", "diag", "spherical"])
@@ -213,7 +215,7 @@ def test_activation_is_atomic_and_versions_listed(sphere: dict[str, np.ndarray],
 
 
 def test_missing_version_fails_clearly(nsettings: Settings, sphere: dict[str, np.ndarray]) -> None:
-    with pytest.raises(nv.NoveltyModelError, match="knn-19990101T000000-deadbeef.*not found"):
+    with pytest.raises(nv.NoveltyModelError, match=r"knn-19990101T000000-deadbeef.*not found"):
         nv.load_version(nsettings, "knn-19990101T000000-deadbeef")
     with pytest.raises(nv.NoveltyModelError, match="not found"):
         nv.activate(nsettings, "gmm-19990101T000000-deadbeef")

@@ -159,3 +159,17 @@ def test_rescore_with_a_real_fitted_novelty_model(wh_settings: Settings, lake: d
     vec = {e["sha256"]: e["embedding"] for e in lake["embeddings"]}
     expected = sorted(fitted.score(np.asarray([vec[s] for s in shas], dtype=np.float32)).tolist())
     assert sorted(r["novelty_score"] for r in rows) == pytest.approx(expected, rel=1e-5)
+
+
+def test_rescore_falls_back_to_the_warehouse_when_the_lake_was_pruned(wh_settings: Settings, lake: dict) -> None:
+    import shutil
+
+    for step in ("scores", "embeddings"):
+        shutil.rmtree(wh_settings.lake_dir / step)
+    result = rescore(wh_settings, TWO_HOURS, model=StandIn())
+    eligible = [s for s in lake["scores"] if s.get("novelty_score") is not None]
+    assert result.counts["hours_from_warehouse"] == 2
+    assert result.counts["rescored"] == result.counts["rescores"] == len(eligible)
+    assert rescore_path(wh_settings, HOUR, "stand-in-v2").exists()  # still recorded in the lake
+    with Warehouse.open(wh_settings, read_only=True) as wh:
+        assert wh.query("SELECT count(*) FROM scores WHERE novelty_model = 'stand-in-v2'")[1] == [(len(eligible),)]

@@ -34,7 +34,7 @@ def run_build(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     try:
         paths = [build(settings, n, force=args.force) for n in args.names] if args.names else (
-            build_defaults(settings))
+            build_defaults(settings, force=args.force))
     except ModelError as exc:
         print(f"mining models build: {exc}", file=sys.stderr)
         return 1

@@ -1,4 +1,4 @@
-"""`mining report` and `mining discover`: the weekly source report and watch-list proposals."""
+"""`mining report`, `mining discover`, `mining watch`: the weekly report and the watch list it steers."""
 
 from __future__ import annotations
 
@@ -16,6 +16,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--auto-promote", action="store_true", default=None,
                    help="promote qualifying subreddits within the weekly limits (MINING_DISCOVERY_AUTO_PROMOTE)")
     d.set_defaults(func=_discover)
+    w = sub.add_parser("watch", help="show or edit the watch list in the warehouse (the hourly DAGs read it)")
+    w.add_argument("action", choices=("list", "add", "remove"))
+    w.add_argument("subreddits", nargs="*", help="names, with or without r/")
+    w.add_argument("--note", help="why (kept in the watch_list table)")
+    w.set_defaults(func=_watch)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -42,4 +47,28 @@ def _discover(args: argparse.Namespace) -> int:
     settings = load_settings(**overrides)
     for p in propose(settings, args.week or last_complete_week()):
         print(json.dumps(p.as_dict()))
+    return 0
+
+
+def _watch(args: argparse.Namespace) -> int:
+    import sys
+
+    from mining.settings import load_settings
+    from mining.warehouse import Warehouse
+
+    settings = load_settings()
+    if args.action != "list" and not args.subreddits:
+        print(f"mining watch {args.action}: name at least one subreddit", file=sys.stderr)
+        return 2
+    with Warehouse.open(settings, read_only=args.action == "list") as wh:
+        for name in args.subreddits:
+            if args.action == "add":
+                wh.add_to_watch_list(name, added_by="user", note=args.note)
+            elif not wh.set_watch_active(name, False, note=args.note):
+                print(f"mining watch remove: r/{name} is not on the watch list", file=sys.stderr)
+                return 1
+        rows = wh.rows("SELECT subreddit, active, added_by, strftime(added_at, '%Y-%m-%dT%H:%MZ') AS added_at, "
+                       "note FROM watch_list ORDER BY NOT active, added_at, subreddit")
+    for r in rows:
+        print(json.dumps(r))
     return 0

@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--clean", type=Path, required=True, help="folder of clean photos (training photos are skipped)")
     e.add_argument("--per-image", type=int, default=8)
     e.add_argument("--clean-per-image", type=int, default=4)
-    e.add_argument("--seed", type=int, default=1)
+    e.add_argument("--seed", type=int, default=0)
     e.add_argument("--json", action="store_true", help="print the report as JSON instead of Markdown")
     e.set_defaults(func=_evaluate)
 
