@@ -213,7 +213,7 @@ def run_demo(home: Path | None = None) -> int:
     rng = random.Random(11)
     liked = photos.liked[:]
     rng.shuffle(liked)
-    n_gallery = min(40, max(6, int(len(liked) * 0.6)))
+    n_gallery = min(24, max(6, int(len(liked) * 0.6)))
     gallery, heldout = liked[:n_gallery], liked[n_gallery:][:12]
     liked_dir = home / "liked"
     liked_dir.mkdir()
@@ -236,9 +236,10 @@ def run_demo(home: Path | None = None) -> int:
 
         print(f"\n$ mining init --liked {liked_dir}", flush=True)
         _mining(["init", "--liked", str(liked_dir)], env)
-        print("\n$ airflow dags test mining_hourly " + interval.start.isoformat(), flush=True)
+        # A manual run of a data-interval timetable owns the interval that ends at its date.
+        print("\n$ airflow dags test mining_hourly " + interval.end.isoformat(), flush=True)
         airflow_setup(env)
-        _check([_bin("airflow"), "dags", "test", "mining_hourly", interval.start.isoformat()], env,
+        _check([_bin("airflow"), "dags", "test", "mining_hourly", interval.end.isoformat()], env,
                log_path=home / "airflow-dags-test.log")
     finally:
         server.stop()
@@ -313,6 +314,8 @@ def print_outcome(home: Path, hour: DemoHour) -> None:
     with Warehouse.open(settings, read_only=True) as wh:
         _, rows = wh.query(
             "SELECT decision, count(*) AS n FROM mined_images GROUP BY decision ORDER BY n DESC")
+        if not rows:
+            raise SystemExit(f"the hourly run produced no decisions: see {home / 'airflow-dags-test.log'}")
         print("\nDecisions:   " + ", ".join(f"{d}: {n}" for d, n in rows))
         _, rows = wh.query(
             "SELECT post_id, subreddit, decision, reason, published_to FROM mined_images "

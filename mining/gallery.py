@@ -118,7 +118,8 @@ def init_gallery(settings: Settings, liked: Path, train_watermark: bool = True, 
 
         if load_detector(settings) is None:
             log.info("no watermark detector yet: training one on the liked images in %s", liked)
-            train(settings, liked)
+            # Fewer synthetic examples per photo than the full `mining watermark train`: minutes, not tens.
+            train(settings, liked, n_per_image=4, neg_per_image=2)
             result.watermark_trained = True
     return result
 

@@ -31,7 +31,8 @@ class Interval:
             value = getattr(self, name)
             if value.tzinfo is None:
                 raise ValueError(f"interval {name} must be timezone-aware: {value!r}")
-            object.__setattr__(self, name, value.astimezone(UTC))
+            # Normalise to a plain stdlib datetime in UTC (Airflow hands over pendulum objects).
+            object.__setattr__(self, name, datetime.fromtimestamp(value.timestamp(), UTC))
         if self.end <= self.start:
             raise ValueError(f"interval end {self.end.isoformat()} is not after start {self.start.isoformat()}")
 
