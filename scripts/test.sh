@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 .venv/bin/ruff check mining dags plugins tests bench
-.venv/bin/python -m pytest -q -m "not torch and not postgres and not browser" "$@"
+.venv/bin/python -m pytest -q -m "not torch and not postgres and not browser and not slow" "$@"
