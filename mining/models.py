@@ -36,7 +36,7 @@ from mining.settings import PROJECT_ROOT, Settings
 
 log = logging.getLogger(__name__)
 
-KINDS = ("embedder", "watermark", "text-detector")
+KINDS = ("embedder", "watermark", "text-detector", "text-recogniser")
 BUILTIN_SPECS = PROJECT_ROOT / "models" / "specs"
 INSTALLED = "installed.json"
 
