@@ -78,7 +78,8 @@ def test_bad_spec_is_rejected(msettings: Settings) -> None:
 
 def test_build_defaults_verifies_records_and_skips_rebuild(msettings: Settings) -> None:
     paths = models.build_defaults(msettings)
-    assert sorted(p.name for p in paths) == ["ch_PP-OCRv4_det_infer.onnx", "efficientnet-lite0-v1.onnx"]
+    assert sorted(p.name for p in paths) == ["ch_PP-OCRv4_det_infer.onnx", "ch_PP-OCRv4_rec_infer.onnx",
+                                             "efficientnet-lite0-v1.onnx"]
     for p in paths:
         assert p.is_file() and (p.stat().st_mode & 0o777) == 0o644
     infos = {i.spec.name: i for i in models.installed(msettings)}
