@@ -182,7 +182,13 @@ def test_cli_trains_on_a_single_photo_and_predicts_json_lines(tmp_path: Path, mo
     _fake_photo(np.random.default_rng(3), 480, 320).save(clean / "only.jpg")
     (clean / "notes.txt").write_text("not an image, ignored")
     monkeypatch.setenv("MINING_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("MINING_MODELS_DIR", str(tmp_path / "models"))
+    models = tmp_path / "models"
+    models.mkdir()
+    import shutil
+
+    for onnx in (Path(__file__).resolve().parents[1] / "models").glob("ch_PP-OCRv4_*.onnx"):
+        shutil.copy(onnx, models / onnx.name)  # what `mining models build` made for this checkout
+    monkeypatch.setenv("MINING_MODELS_DIR", str(models))
     assert main(["watermark", "train", "--clean", str(clean), "--per-image", "2", "--clean-per-image", "2"]) == 0
     trained = json.loads(capsys.readouterr().out)
     assert trained["photos"] == 1 and trained["samples"] == 4 and 0 <= trained["threshold"] <= 1
