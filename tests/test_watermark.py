@@ -186,8 +186,8 @@ def test_cli_trains_on_a_single_photo_and_predicts_json_lines(tmp_path: Path, mo
     models.mkdir()
     import shutil
 
-    for onnx in (Path(__file__).resolve().parents[1] / "models").glob("ch_PP-OCRv4_*.onnx"):
-        shutil.copy(onnx, models / onnx.name)  # what `mining models build` made for this checkout
+    for built in (Path(__file__).resolve().parents[1] / "models").glob("ch_PP-OCRv4_*.onnx"):
+        shutil.copy(built, models / built.name)  # what `mining models build` made for this checkout
     monkeypatch.setenv("MINING_MODELS_DIR", str(models))
     assert main(["watermark", "train", "--clean", str(clean), "--per-image", "2", "--clean-per-image", "2"]) == 0
     trained = json.loads(capsys.readouterr().out)
