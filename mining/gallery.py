@@ -7,7 +7,6 @@ file exists so that non-writer steps (scoring) can dedupe without opening DuckDB
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 from collections import Counter
@@ -18,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from mining.lake import Interval, StepResult, atomic_write_bytes, read_partition
+from mining.lake import Interval, StepResult, atomic_write_bytes, read_partition, sha256_file
 from mining.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -39,12 +38,6 @@ class InitResult:
         return self.__dict__.copy()
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def store_image(settings: Settings, source: Path, sha: str, ext: str) -> Path:

@@ -7,6 +7,7 @@ partition (write a temp file, fsync, rename) and never duplicates rows.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -149,6 +150,15 @@ def atomic_write_bytes(data: bytes, path: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def sha256_file(path: Path) -> str:
+    """Streaming sha256 of a file: the content address used everywhere (images, models, photos)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def utcnow() -> datetime:

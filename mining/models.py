@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from mining import clock
-from mining.lake import atomic_write_bytes
+from mining.lake import atomic_write_bytes, sha256_file
 from mining.preprocess import Preprocess
 from mining.settings import PROJECT_ROOT, Settings
 
@@ -222,12 +222,6 @@ def model_path(settings: Settings, name: str) -> Path:
     return path
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---- build -------------------------------------------------------------------------------

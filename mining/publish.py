@@ -27,6 +27,7 @@ import requests
 
 from mining import clock
 from mining.lake import atomic_write_bytes
+from mining.lake import sha256_file as _sha256_file
 from mining.settings import Secret, Settings
 
 log = logging.getLogger(__name__)
@@ -103,12 +104,6 @@ def _position(candidate_id: str) -> str:
     return tail if tail.isdigit() else "0"
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _jsonable(value: Any) -> Any:

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from mining.lake import sha256_file as _file_digest
 from mining.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -643,12 +644,6 @@ def split_files(files: Sequence[Path], holdout: float, seed: int = 0) -> tuple[l
     return sorted(train_files), sorted(held)
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _json_default(o: Any) -> Any:
