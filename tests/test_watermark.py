@@ -27,10 +27,25 @@ from mining.watermark import (
 )
 
 
+PROJECT_MODELS = Path(__file__).resolve().parents[1] / "models"
+OCR_FILES = ("ch_PP-OCRv4_det_infer.onnx", "ch_PP-OCRv4_rec_infer.onnx")
+
+
 @pytest.fixture
 def wm_settings(settings: Settings, tmp_path: Path) -> Settings:
-    """Settings whose models_dir is private to the test (never the project's models/)."""
-    return settings.replace(models_dir=tmp_path / "models")
+    """Settings whose models_dir is private to the test, holding links to the OCR models setup built.
+
+    Trained heads land in the private dir, never the project's models/. A missing OCR model is a
+    failed setup (`mining models build` makes both), so it fails here with the fix, not a skip.
+    """
+    models = tmp_path / "models"
+    models.mkdir()
+    missing = [name for name in OCR_FILES if not (PROJECT_MODELS / name).is_file()]
+    if missing:
+        pytest.fail(f"{', '.join(missing)} missing from {PROJECT_MODELS}: run `.venv/bin/mining models build`")
+    for name in OCR_FILES:
+        (models / name).symlink_to(PROJECT_MODELS / name)
+    return settings.replace(models_dir=models)
 
 
 @pytest.fixture
@@ -184,10 +199,8 @@ def test_cli_trains_on_a_single_photo_and_predicts_json_lines(tmp_path: Path, mo
     monkeypatch.setenv("MINING_HOME", str(tmp_path / "home"))
     models = tmp_path / "models"
     models.mkdir()
-    import shutil
-
-    for built in (Path(__file__).resolve().parents[1] / "models").glob("ch_PP-OCRv4_*.onnx"):
-        shutil.copy(built, models / built.name)  # what `mining models build` made for this checkout
+    for name in OCR_FILES:  # what `mining models build` made for this checkout
+        (models / name).symlink_to(PROJECT_MODELS / name)
     monkeypatch.setenv("MINING_MODELS_DIR", str(models))
     assert main(["watermark", "train", "--clean", str(clean), "--per-image", "2", "--clean-per-image", "2"]) == 0
     trained = json.loads(capsys.readouterr().out)
