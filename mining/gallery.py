@@ -152,7 +152,6 @@ def publish_interval(settings: Settings, interval: Interval) -> StepResult:
     counts: Counter[str] = Counter()
     with Warehouse.open(settings) as wh:
         index = GalleryIndex.from_rows(wh.gallery_hashes(), settings.phash_size)
-        gallery_rows = []
         for hour in interval.hours():
             scores = read_partition(settings.lake_dir, "scores", hour)
             if scores is None:
@@ -171,6 +170,11 @@ def publish_interval(settings: Settings, interval: Interval) -> StepResult:
                 done = wh.publication(sha, publisher.target)
                 if done is not None and done["status"] == "published":
                     counts["already_published"] += 1
+                    if sha not in index and not settings.dry_run:  # recorded by a version that did not join it
+                        phash, mirror = hash_file(settings.home / cand["path"], settings.phash_size)
+                        wh.add_to_gallery([_gallery_row(cand, row, vectors, phash, mirror)])
+                        index.add(sha, phash, mirror, row["candidate_id"])
+                        counts["gallery_repaired"] += 1
                     continue
                 # Another interval may have published a near-copy since this one was scored.
                 phash, mirror = hash_file(settings.home / cand["path"], settings.phash_size)
@@ -190,22 +194,32 @@ def publish_interval(settings: Settings, interval: Interval) -> StepResult:
                     scores={"novelty_score": row["novelty_score"], "novelty_threshold": row["novelty_threshold"],
                             "novelty_model": row["novelty_model"], "watermark_prob": row["watermark_prob"]},
                     decision=row["decision"], reason=row["reason"])
+                # The publisher is idempotent per sha256 (folder: same file; HTTP: Idempotency-Key), so a
+                # crash between its write and this commit re-publishes nothing; the publication record and
+                # the gallery row commit together, so no published image is ever missing from the gallery.
                 outcome = publisher.publish(item)
-                wh.record_publication(sha256=sha, target=publisher.target, status=outcome.status,
-                                      location=outcome.location, error=outcome.error,
-                                      candidate_id=row["candidate_id"])
+                joins = outcome.status == "published" and not settings.dry_run
+                with wh.transaction():
+                    wh.record_publication(sha256=sha, target=publisher.target, status=outcome.status,
+                                          location=outcome.location, error=outcome.error,
+                                          candidate_id=row["candidate_id"])
+                    if joins:
+                        wh.add_to_gallery([_gallery_row(cand, row, vectors, phash, mirror)])
                 counts[f"publish_{outcome.status}"] += 1
-                if outcome.status == "published" and not settings.dry_run:
-                    index.add(sha, phash, mirror)
-                    gallery_rows.append({"sha256": sha, "path": cand["path"], "phash": phash,
-                                         "phash_mirror": mirror, "embedding": vectors.get(sha),
-                                         "embed_model": vectors.get("__model__"), "source": "published",
-                                         "added_at": datetime.now(UTC), "post_id": cand["post_id"],
-                                         "candidate_id": row["candidate_id"]})
-        if gallery_rows:
-            wh.add_to_gallery(gallery_rows)
-            export_index(settings, wh)
+                if joins:
+                    index.add(sha, phash, mirror, row["candidate_id"])
+        if not settings.dry_run:
+            export_index(settings, wh)  # derived from the table: also heals a file a killed run left stale
     return StepResult("publish", str(interval), str(settings.gallery_path), dict(counts))
+
+
+def _gallery_row(cand: dict[str, Any], row: dict[str, Any], vectors: dict[str, Any], phash: str,
+                 mirror: str) -> dict[str, Any]:
+    """The gallery row of a published candidate: its hashes and embedding join the gallery at once."""
+    return {"sha256": row["sha256"], "path": cand["path"], "phash": phash, "phash_mirror": mirror,
+            "embedding": vectors.get(row["sha256"]), "embed_model": vectors.get("__model__"),
+            "source": "published", "added_at": datetime.now(UTC), "post_id": cand["post_id"],
+            "candidate_id": row["candidate_id"]}
 
 
 def _embeddings(settings: Settings, hour: Interval) -> dict[str, Any]:
