@@ -26,7 +26,6 @@ from mining.watermark import (
     train,
 )
 
-
 PROJECT_MODELS = Path(__file__).resolve().parents[1] / "models"
 OCR_FILES = ("ch_PP-OCRv4_det_infer.onnx", "ch_PP-OCRv4_rec_infer.onnx")
 
