@@ -51,6 +51,7 @@ DEBIAN_OTHER = (
 )
 
 SUBREDDIT = "EarthPorn"
+DEMO_MIN_SIZE = (640, 480)  # MINING_MIN_WIDTH / MINING_MIN_HEIGHT of the demo's settings
 
 
 @dataclass
@@ -72,7 +73,28 @@ class DemoHour:
 
 # ---- photos ---------------------------------------------------------------------------
 def find_photos(cache: Path) -> PhotoSet:
-    """Real photographs available on this machine, best source first."""
+    """Real photographs available on this machine, best source first, each big enough to be kept.
+
+    Photos under the demo's minimum size would be skipped as too small, whatever the posts
+    built from them claim to be, so they are left out (the demo makes its own tiny image).
+    """
+    found = _find_photos(cache)
+    return PhotoSet(_big_enough(found.liked), _big_enough(found.other), found.source)
+
+
+def _big_enough(paths: list[Path]) -> list[Path]:
+    keep = []
+    for p in paths:
+        with Image.open(p) as im:  # reads the header only
+            w, h = im.size
+            if im.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientation: shown rotated a quarter turn
+                w, h = h, w
+        if w >= DEMO_MIN_SIZE[0] and h >= DEMO_MIN_SIZE[1]:
+            keep.append(p)
+    return keep
+
+
+def _find_photos(cache: Path) -> PhotoSet:
     named = os.environ.get("MINING_DEMO_PHOTOS")
     if named:
         root = Path(named).expanduser()
@@ -261,8 +283,8 @@ def demo_env(home: Path, base_url: str) -> dict[str, str]:
         "MINING_SOURCES": "all",
         "MINING_WATCH_LIST": SUBREDDIT,
         "MINING_ALLOWED_HOSTS": "127.0.0.1",
-        "MINING_MIN_WIDTH": "640",
-        "MINING_MIN_HEIGHT": "480",
+        "MINING_MIN_WIDTH": str(DEMO_MIN_SIZE[0]),
+        "MINING_MIN_HEIGHT": str(DEMO_MIN_SIZE[1]),
         "MINING_REQUESTS_PER_MINUTE": "600",
         "AIRFLOW_HOME": str(home / "airflow"),
         "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT_ROOT / "dags"),
