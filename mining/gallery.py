@@ -38,8 +38,6 @@ class InitResult:
         return self.__dict__.copy()
 
 
-
-
 def store_image(settings: Settings, source: Path, sha: str, ext: str) -> Path:
     """Copy a file into the content-addressed image store (once); return its path relative to home."""
     rel = Path("images") / sha[:2] / sha[2:4] / f"{sha}.{ext}"

@@ -26,8 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 import requests
 
 from mining import clock
-from mining.lake import atomic_write_bytes
-from mining.lake import sha256_file as _sha256_file
+from mining.lake import atomic_write_bytes, sha256_file
 from mining.settings import Secret, Settings
 
 log = logging.getLogger(__name__)
@@ -104,8 +103,6 @@ def _position(candidate_id: str) -> str:
     return tail if tail.isdigit() else "0"
 
 
-
-
 def _jsonable(value: Any) -> Any:
     """Scores as JSON: non-finite floats become null (json.dumps would write invalid NaN)."""
     if isinstance(value, dict):
@@ -164,7 +161,7 @@ class FolderPublisher:
         for path in sorted(self.gallery_dir.glob(f"*_{sha256[:8]}.*")):
             if path.suffix == ".json" or path.name.startswith(".") or not path.is_file():
                 continue
-            if _sha256_file(path) == sha256:
+            if sha256_file(path) == sha256:
                 return path
         return None
 

@@ -10,7 +10,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from mining.gallery import IMAGE_SUFFIXES, sha256_file
+from mining.gallery import IMAGE_SUFFIXES
+from mining.lake import sha256_file
 from mining.settings import Settings
 
 

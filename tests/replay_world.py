@@ -30,6 +30,9 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 GALLERY_SIZE = 24
 HELD_OUT = 5  # per hour: 2 accepted-kind, 3 watermarked (build_hour's split)
 OTHER = 11  # per hour: novelty rejections, gallery post, junk sources
+# What tests/conftest.py sets for in-process Airflow; subprocess deployments must not inherit it.
+CONFTEST_AIRFLOW_ENV = ("AIRFLOW__CORE__UNIT_TEST_MODE", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
+                        "AIRFLOW__CORE__DAGS_FOLDER")
 
 
 @dataclass
@@ -137,7 +140,7 @@ def airflow_local(tmp: Path, mining_home: Path, extra_env: dict[str, str] | None
 
     port = free_port()
     env = dict(os.environ)
-    for key in ("AIRFLOW__CORE__UNIT_TEST_MODE", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "AIRFLOW__CORE__DAGS_FOLDER"):
+    for key in CONFTEST_AIRFLOW_ENV:
         env.pop(key, None)  # conftest's in-process settings are not the local deployment's
     env.update({**(extra_env or {}), "MINING_HOME": str(mining_home), "AIRFLOW_HOME": str(tmp / "airflow"),
                 "AIRFLOW_PORT": str(port)})

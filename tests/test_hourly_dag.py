@@ -20,20 +20,19 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from replay_world import BIN, PROJECT_ROOT, decisions, mining, replay_world
+from replay_world import BIN, CONFTEST_AIRFLOW_ENV, PROJECT_ROOT, decisions, mining, replay_world
 
 from mining.demo import airflow_setup
 from mining.devserver import Request, Response
 from mining.lake import Interval
 
 pytestmark = pytest.mark.slow
-UNSET = ("AIRFLOW__CORE__UNIT_TEST_MODE", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "AIRFLOW__CORE__DAGS_FOLDER")
 
 
 @pytest.fixture(autouse=True)
 def own_airflow(monkeypatch: pytest.MonkeyPatch) -> None:
     """conftest's in-process Airflow settings are not the subprocesses': each test's env names its own."""
-    for key in UNSET:
+    for key in CONFTEST_AIRFLOW_ENV:
         monkeypatch.delenv(key, raising=False)
 
 
@@ -88,7 +87,7 @@ def test_reruns_and_overlapping_backfills_change_nothing(tmp_path: Path) -> None
     home, log = tmp_path / "home", tmp_path / "dags-test.log"
     with replay_world(home, hours) as world:
         mining(["init", "--liked", str(world.liked_dir)], world.env)
-        airflow_setup(_env(world.env))
+        airflow_setup(world.env)
         liked = snapshot(home)
 
         run_hour(world.env, hours[0], log)
@@ -142,7 +141,7 @@ def test_a_run_killed_while_publishing_publishes_nothing_twice(tmp_path: Path) -
         world.server.route("/api/import", gallery_import)
         env = {**world.env, "MINING_PUBLISH_URL": f"{world.server.url}/api/import", "MINING_PUBLISH_SECRET": "s3cret"}
         mining(["init", "--liked", str(world.liked_dir)], env)
-        airflow_setup(_env(env))
+        airflow_setup(env)
 
         proc = dags_test(env, hour, log, conf={"publisher": "http"})
         try:
