@@ -90,6 +90,32 @@ def test_load_detector_selects_a_configured_onnx_classifier(wm_settings: Setting
         load_detector(wm_settings.replace(watermark_model="nowhere.onnx"))
 
 
+def test_evaluate_measures_an_onnx_classifier_on_the_default_detectors_examples(
+        settings: Settings, tiny_classifier: Path, tmp_path: Path) -> None:
+    """Users with the original system's model measure it on exactly the protocol the default is measured on."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(5)
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    for i in range(3):
+        _fake_photo(rng).save(clean / f"p{i}.jpg", quality=92)
+    det = OnnxClassifierDetector(tiny_classifier, threshold=0.6)
+    report = evaluate(settings, clean, detector=det, n_per_image=4, neg_per_image=2)
+    assert report.detector == det.version and report.excluded_training_photos == 0  # it records no training photos
+    assert report.photos == 3 and report.samples == 18 and report.threshold == 0.6
+    examples = [e for f in sorted(clean.iterdir()) for e in watermark.synth_examples(f, 4, 2, seed=0)]
+    y = [m["label"] for _, m in examples]
+    assert sum(y) == 12 and {m["kind"] for _, m in examples} >= {"clean", "corner"}
+    assert report.auroc == pytest.approx(roc_auc_score(y, det.predict([im for im, _ in examples])))
+    # The configured classifier is what `evaluate` picks up when no detector is passed.
+    configured = evaluate(settings.replace(watermark_model=str(tiny_classifier), watermark_threshold=0.6), clean,
+                          n_per_image=4, neg_per_image=2)
+    assert configured.auroc == report.auroc and configured.detector == report.detector
+    with pytest.raises(ValueError, match="no watermark detector"):
+        evaluate(settings.replace(models_dir=tmp_path / "empty"), clean)
+
+
 def test_head_round_trips_through_npz_without_pickle(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(200, 5))
