@@ -66,11 +66,18 @@ class WatermarkDetector:
     def predict(self, images: Sequence[Image.Image]) -> np.ndarray:
         raise NotImplementedError
 
-    def predict_paths(self, paths: Sequence[Path | str], batch: int = 16) -> np.ndarray:
-        """Probabilities for files, in order; an unreadable file gives NaN, never an exception."""
+    def predict_paths(self, paths: Sequence[Path | str], batch: int = 4) -> np.ndarray:
+        """Probabilities for files, in order; an unreadable file gives NaN, never an exception.
+
+        The next batch decodes on a worker thread while the models run on this one (both
+        release the GIL), so decoding costs little wall time; at most two batches are in memory.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
         out = np.full(len(paths), np.nan, dtype=np.float64)
-        for start in range(0, len(paths), batch):
-            chunk = list(range(start, min(start + batch, len(paths))))
+        chunks = [range(s, min(s + batch, len(paths))) for s in range(0, len(paths), batch)]
+
+        def decode(chunk: range) -> tuple[list[Image.Image], list[int]]:
             images, where = [], []
             for i in chunk:
                 try:
@@ -78,8 +85,16 @@ class WatermarkDetector:
                     where.append(i)
                 except Exception as exc:  # per-item failure is data, not a crash
                     log.warning("watermark: cannot read %s: %s", paths[i], exc)
-            if images:
-                out[where] = self.predict(images)
+            return images, where
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="wm-decode") as pool:
+            pending = pool.submit(decode, chunks[0]) if chunks else None
+            for k in range(len(chunks)):
+                assert pending is not None
+                images, where = pending.result()
+                pending = pool.submit(decode, chunks[k + 1]) if k + 1 < len(chunks) else None
+                if images:
+                    out[where] = self.predict(images)
         return out
 
     decode_size: int = 1024  # smallest long side the detector needs from the decoder
