@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 OCR_DET_FILE = "ch_PP-OCRv4_det_infer.onnx"
-FEATURE_VERSION = "textmap-v1+read-v2"  # the summary of a text map into features
+FEATURE_VERSION = "gray+textmap-v1+read-v3"  # what a head was trained on: input enhancement, map summary, reads
 MAP_VERSION = "gray-autocontrast+ppocrv4-det-maxpool2-u8+rec8-upright-v3"  # how cached evidence is computed
 SYNTH_VERSION = "synth-v1"
 HEAD_FILE = "head.npz"
