@@ -811,14 +811,33 @@ def _auroc(y: np.ndarray, p: np.ndarray) -> float:
     return float(roc_auc_score(y, p)) if len(set(y.tolist())) == 2 else float("nan")
 
 
+MIN_TAIL = 5  # clean examples that must lie above the threshold for an empirical quantile to mean anything
+
+
 def calibrate_threshold(clean_scores: np.ndarray, target_fpr: float) -> float:
-    """Smallest threshold whose false-positive rate on clean scores is <= target_fpr."""
+    """Threshold whose false-positive rate on clean images is about ``target_fpr``.
+
+    With enough clean examples it is the empirical quantile: the smallest threshold with at
+    most ``target_fpr`` of them at or above it. With few (a first gallery of a handful of
+    photos gives a dozen), that quantile is just "above the worst one", and one clean photo
+    with text in it would switch the detector off; the tail is then estimated robustly instead
+    (median and MAD of the logits, normal quantile), never stricter than the empirical rule.
+    """
     s = np.sort(np.asarray(clean_scores, dtype=np.float64))
     if len(s) == 0:
         return 0.5
     allowed = int(np.floor(target_fpr * len(s)))  # how many clean images may score >= threshold
     top = s[len(s) - allowed - 1]  # must be strictly above this one
-    return float(min(1.0, np.nextafter(top, np.inf)))
+    empirical = float(min(1.0, np.nextafter(top, np.inf)))
+    if target_fpr <= 0 or allowed >= MIN_TAIL or len(s) < 3:
+        return empirical
+    from scipy.stats import norm
+
+    z = np.log(np.clip(s, 1e-7, 1 - 1e-7) / np.clip(1 - s, 1e-7, 1))
+    med = float(np.median(z))
+    spread = max(1.4826 * float(np.median(np.abs(z - med))), 0.25)
+    robust = float(_sigmoid(np.asarray(med + norm.ppf(1 - target_fpr) * spread)))
+    return min(empirical, robust)
 
 
 def train(settings: Settings, clean_dir: Path, out: Path | None = None, n_per_image: int = 8,

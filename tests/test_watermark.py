@@ -145,6 +145,16 @@ def test_calibrated_threshold_keeps_false_positives_under_target() -> None:
         assert (scores >= thr).mean() >= target - 0.002  # and not needlessly strict
 
 
+def test_a_single_clean_photo_with_text_does_not_switch_a_small_detector_off() -> None:
+    """A first gallery gives about a dozen clean examples; one scoring 0.9999999 must not set the bar."""
+    rng = np.random.default_rng(2)
+    clean = np.concatenate([rng.uniform(0.2, 0.6, 11), [0.9999999]])
+    thr = calibrate_threshold(clean, 0.03)
+    assert 0.6 < thr < 0.999, thr  # above the typical clean image, below the outlier
+    assert calibrate_threshold(clean, 0.0) > 0.9999999  # a zero target still means zero
+    assert calibrate_threshold(clean[:11], 0.03) <= np.nextafter(clean[:11].max(), 1)  # never stricter
+
+
 def test_split_files_is_deterministic_and_stratified(tmp_path: Path) -> None:
     files = [tmp_path / d / f"{d}_{i}.jpg" for d in ("a", "b") for i in range(10)]
     train_a, held_a = split_files(files, 0.5, seed=0)
