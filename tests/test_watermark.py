@@ -153,6 +153,8 @@ def test_a_single_clean_photo_with_text_does_not_switch_a_small_detector_off() -
     assert 0.6 < thr < 0.999, thr  # above the typical clean image, below the outlier
     assert calibrate_threshold(clean, 0.0) > 0.9999999  # a zero target still means zero
     assert calibrate_threshold(clean[:11], 0.03) <= np.nextafter(clean[:11].max(), 1)  # never stricter
+    two = np.concatenate([clean, [0.97]])  # nor looser than one clean example above
+    assert (two >= calibrate_threshold(two, 0.03)).sum() == 1
 
 
 def test_split_files_is_deterministic_and_stratified(tmp_path: Path) -> None:
