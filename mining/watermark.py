@@ -88,11 +88,11 @@ class WatermarkDetector:
             return images, where
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="wm-decode") as pool:
-            pending = pool.submit(decode, chunks[0]) if chunks else None
+            pending = [pool.submit(decode, chunks[0])] if chunks else []
             for k in range(len(chunks)):
-                assert pending is not None
-                images, where = pending.result()
-                pending = pool.submit(decode, chunks[k + 1]) if k + 1 < len(chunks) else None
+                images, where = pending.pop().result()
+                if k + 1 < len(chunks):
+                    pending.append(pool.submit(decode, chunks[k + 1]))
                 if images:
                     out[where] = self.predict(images)
         return out
@@ -256,8 +256,9 @@ def enhance(image: Image.Image, cutoff: float = 0.5) -> Image.Image:
     """Grey levels stretched to the full range: what the text models look at.
 
     PP-OCRv4 was trained on legible scene text; a pale mark on a pale photo (white text over
-    sky) gives it nothing at all, yet the same pixels stretched read plainly. Measured on the
-    held-out synthetic set this single pass beats the raw colour image (docs/watermark.md).
+    sky) gives it nothing at all, yet the same pixels stretched read plainly. On the held-out
+    synthetic set it catches more marks at the shipped threshold (60% vs 53% recall at the same
+    false-positive rates); the ranking (AUROC) is unchanged within noise (docs/watermark.md).
     """
     return ImageOps.autocontrast(image.convert("L"), cutoff=cutoff).convert("RGB")
 
