@@ -88,14 +88,9 @@ def extract(photos: Path, out: Path, long_side: int) -> None:
                 meta.update(kind="clean", strength="none")
             img, aug = augment_like_reddit(img, rng)
             meta.update(aug)
-            w, h = img.size
-            s = long_side / max(w, h)
-            W, H = max(32, round(w * s / 32) * 32), max(32, round(h * s / 32) * 32)
-            x = np.asarray(img.resize((W, H), Image.BILINEAR), dtype=np.float32)[:, :, ::-1] / 127.5 - 1.0
-            prob, neck = sess.run(None, {name: np.ascontiguousarray(x.transpose(2, 0, 1)[None])})
+            prob, neck = sess.run(None, {name: ev.mapper.det_input(img)})
             p = prob[0, 0]
-            pooled = p[: H // 2 * 2, : W // 2 * 2].reshape(H // 2, 2, W // 2, 2).max(axis=(1, 3))
-            text_map = (pooled * 255 + 0.5).astype(np.uint8)
+            text_map = ev.mapper.to_text_map(p)
             reads = ev.reader.features(img, text_map)
             cells = cell_pool(neck[0])
             gh, gw = cells.shape[:2]
@@ -124,8 +119,8 @@ def load(out: Path, files: list[str]):
 
 
 def cell_rows(rows, rng, per_image: int = 400, pos_min: float = 0.1):
-    xs, ys, gs = [], [], []
-    for cells, cover, _p, _e, m in rows:
+    xs, ys = [], []
+    for cells, cover, _p, _e, _m in rows:
         x = cells.reshape(-1, cells.shape[-1])
         c = cover.reshape(-1).astype(np.float32)
         pos = np.flatnonzero(c >= pos_min)
@@ -135,8 +130,7 @@ def cell_rows(rows, rng, per_image: int = 400, pos_min: float = 0.1):
         idx = np.concatenate([pos, neg])
         xs.append(x[idx].astype(np.float32))
         ys.append((c[idx] >= pos_min).astype(np.int8))
-        gs.append(np.full(len(idx), hash(m["photo"]) % (2**31)))
-    return np.concatenate(xs), np.concatenate(ys), np.concatenate(gs)
+    return np.concatenate(xs), np.concatenate(ys)
 
 
 def summary(logit: np.ndarray) -> np.ndarray:
@@ -192,15 +186,15 @@ def fit(out: Path, kind: str) -> None:
     # out-of-fold cell summaries for the training examples, so the stacker sees honest inputs
     s_tr = np.zeros((len(tr), 10), np.float32)
     for k, (a, b) in enumerate(GroupKFold(5).split(np.zeros(len(tr)), y_tr, photos)):
-        x, y, _ = cell_rows([tr[i] for i in a], rng)
+        x, y = cell_rows([tr[i] for i in a], rng)
         head = CellHead(kind).fit(x, y)
         for i in b:
             s_tr[i] = summary(head.logits(tr[i][0]))
         print(f"fold {k} done {time.perf_counter() - t0:.0f}s", flush=True)
-    x, y, _ = cell_rows(tr, rng)
+    x, y = cell_rows(tr, rng)
     head = CellHead(kind).fit(x, y)
     s_he = np.stack([summary(head.logits(r[0])) for r in he])
-    print(f"cells fitted {time.perf_counter() - t0:.0f}s; cell AUROC held", flush=True)
+    print(f"cells fitted {time.perf_counter() - t0:.0f}s", flush=True)
     ev_tr = np.stack([r[3] for r in tr])
     ev_he = np.stack([r[3] for r in he])
     res = {}

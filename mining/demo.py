@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from mining.lake import Interval
 from mining.settings import PROJECT_ROOT
@@ -87,7 +87,7 @@ def _big_enough(paths: list[Path]) -> list[Path]:
     for p in paths:
         with Image.open(p) as im:  # reads the header only
             w, h = im.size
-            if im.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientation: shown rotated a quarter turn
+            if im.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8):  # shown rotated a quarter turn
                 w, h = h, w
         if w >= DEMO_MIN_SIZE[0] and h >= DEMO_MIN_SIZE[1]:
             keep.append(p)

@@ -105,13 +105,13 @@ def init_gallery(settings: Settings, liked: Path, train_watermark: bool = True, 
             fitted = refit_novelty(settings, wh, embedder.model_id)
             result.novelty_version, result.novelty_metrics = fitted.version, fitted.metrics
     if train_watermark:
-        from mining.watermark import list_images, load_detector, train
+        from mining.watermark import load_detector, train
 
         if load_detector(settings) is None:
             log.info("no watermark detector yet: training one on the liked images in %s", liked)
             # A small first gallery gets the full recipe (its clean examples are all the threshold
             # is calibrated on); a large one half of it per photo: minutes, not tens.
-            small = len(list_images(liked)) < 40
+            small = len(files) < 40
             train(settings, liked, n_per_image=8 if small else 4, neg_per_image=4 if small else 2)
             result.watermark_trained = True
     return result

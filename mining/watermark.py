@@ -281,27 +281,28 @@ class TextMapFeatures:
         names += [f"cc.{n}" for n in COMPONENT_FEATURES] + [f"cc60.{n}" for n in COMPONENT_FEATURES]
         return names
 
-    def prob_map(self, image: Image.Image) -> np.ndarray:
-        """The detector's text probability per pixel at ``long_side`` resolution (float32)."""
+    def det_input(self, image: Image.Image) -> np.ndarray:
+        """The detector's input tensor: long side ``long_side``, both sides multiples of 32."""
         w, h = image.size
         scale = self.long_side / max(w, h)
         W, H = max(32, round(w * scale / 32) * 32), max(32, round(h * scale / 32) * 32)
         x = np.asarray(image.convert("RGB").resize((W, H), Image.BILINEAR), dtype=np.float32)
         x = x[:, :, ::-1] / 127.5 - 1.0  # the PaddleOCR det contract: BGR, /255, mean/std 0.5
-        x = np.ascontiguousarray(x.transpose(2, 0, 1)[None])
-        return np.asarray(self.session.run(None, {self.input_name: x})[0][0, 0], dtype=np.float32)
+        return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+
+    def prob_map(self, image: Image.Image) -> np.ndarray:
+        """The detector's text probability per pixel at ``long_side`` resolution (float32)."""
+        return np.asarray(self.session.run(None, {self.input_name: self.det_input(image)})[0][0, 0], dtype=np.float32)
 
     def text_map(self, image: Image.Image) -> np.ndarray:
+        return self.to_text_map(self.prob_map(image))
+
+    @staticmethod
+    def to_text_map(p: np.ndarray) -> np.ndarray:
         """2x2 max-pooled probability map as uint8: peaks kept, 8x smaller to cache than float32."""
-        p = self.prob_map(image)
         h, w = p.shape
         pooled = p[: h // 2 * 2, : w // 2 * 2].reshape(h // 2, 2, w // 2, 2).max(axis=(1, 3))
         return (pooled * 255 + 0.5).astype(np.uint8)
-
-    def features(self, images: Sequence[Image.Image]) -> np.ndarray:
-        if not images:
-            return np.zeros((0, len(self.names)), dtype=np.float32)
-        return np.stack([self.map_features(self.text_map(im)) for im in images])
 
     @staticmethod
     def map_features(text_map: np.ndarray) -> np.ndarray:
@@ -977,14 +978,14 @@ def evaluate(settings: Settings, clean_dir: Path, detector: WatermarkDetector | 
         if detector is None:
             raise ValueError("no watermark detector: run `mining watermark train --clean DIR` first "
                              "(or set MINING_WATERMARK_MODEL to an ONNX classifier)")
-    meta = getattr(detector, "meta", {})
-    seen = set(meta.get("train_photos_sha256", []))
+    trained = isinstance(detector, TrainedDetector)
+    seen = set(detector.meta.get("train_photos_sha256", [])) if trained else set()
     files = list_images(clean_dir)
     photos = [f for f in files if include_training_photos or _file_digest(f) not in seen]
     excluded = len(files) - len(photos)
     if not photos:
         raise ValueError(f"every image under {clean_dir} was used in training: nothing held out to evaluate on")
-    if isinstance(detector, TrainedDetector):
+    if trained:
         x, y, metas = build_dataset(detector.extractor, photos, n_per_image, neg_per_image, seed,
                                     settings.home / "cache" / "watermark", progress)
         p = detector.head.proba(x)
