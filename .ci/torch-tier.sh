@@ -21,4 +21,4 @@ if ! .venv-torch/bin/python -c "import torch, efficientnet_lite_pytorch, pytest,
     $VP install -q -e . pytest
   fi
 fi
-exec .venv-torch/bin/python -m pytest -q -m torch tests/test_effnet_torch.py "$@"
+exec .venv-torch/bin/python -m pytest -q -m torch tests/test_effnet_torch.py tests/test_finetune_torch.py "$@"

@@ -258,64 +258,132 @@ def fold_bn(conv_w: np.ndarray, weights: dict[str, np.ndarray], bn: str,
 
 # ---- graph -------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class ConvLayer:
+    """One convolution with its bias (batch-norm already folded in) and activation."""
+
+    prefix: str
+    w: np.ndarray
+    b: np.ndarray
+    stride: int
+    group: int
+    act: str | None  # "relu6", "relu" or None
+
+
+@dataclass(frozen=True)
+class BlockLayers:
+    index: int
+    convs: tuple[ConvLayer, ...]
+    skip: bool
+
+
+def folded_body(weights: dict[str, np.ndarray], blocks: int | None = None) -> tuple[ConvLayer, list[BlockLayers]]:
+    """The stem and the first ``blocks`` MBConv blocks (all by default) as folded conv layers.
+
+    Shared by the embedder's graph and the fine-tuned watermark CNN, which trains these same
+    layers in torch and exports them through :class:`OnnxGraph`.
+    """
+    arch = derive_architecture(weights)
+    stem = ConvLayer("stem", *fold_bn(weights["_conv_stem.weight"], weights, "_bn0"), 2, 1, "relu6")
+    body = []
+    for blk in arch.blocks[:blocks]:
+        p = f"_blocks.{blk.index}."
+        convs = []
+        if p + "_expand_conv.weight" in weights:
+            convs.append(ConvLayer(f"b{blk.index}.expand", *fold_bn(weights[p + "_expand_conv.weight"], weights,
+                                                                    p + "_bn0"), 1, 1, "relu6"))
+        convs.append(ConvLayer(f"b{blk.index}.dw", *fold_bn(weights[p + "_depthwise_conv.weight"], weights,
+                                                            p + "_bn1"), blk.stride, blk.expanded, "relu6"))
+        convs.append(ConvLayer(f"b{blk.index}.project", *fold_bn(weights[p + "_project_conv.weight"], weights,
+                                                                 p + "_bn2"), 1, 1, None))
+        body.append(BlockLayers(blk.index, tuple(convs), blk.skip))
+    return stem, body
+
+
+class OnnxGraph:
+    """Nodes and initialisers of a convolutional graph, written with ``onnx.helper``."""
+
+    def __init__(self) -> None:
+        from onnx import numpy_helper
+
+        self.nodes: list[Any] = []
+        self.inits: list[Any] = [numpy_helper.from_array(np.array(0.0, np.float32), "relu6_min"),
+                                 numpy_helper.from_array(np.array(6.0, np.float32), "relu6_max")]
+
+    def node(self, op: str, inputs: list[str], output: str, name: str | None = None, **attrs: Any) -> str:
+        from onnx import helper
+
+        self.nodes.append(helper.make_node(op, inputs, [output], name=name or output, **attrs))
+        return output
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        self.inits.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
+        return name
+
+    def conv(self, x: str, layer: ConvLayer) -> str:
+        """TF "SAME" convolution (``SAME_UPPER``), then the layer's activation."""
+        from onnx import helper
+
+        w = self.const(f"{layer.prefix}.w", layer.w)
+        b = self.const(f"{layer.prefix}.b", layer.b)
+        k = layer.w.shape[2]
+        out = f"{layer.prefix}.conv"
+        self.nodes.append(helper.make_node("Conv", [x, w, b], [out], name=layer.prefix, kernel_shape=[k, k],
+                                           strides=[layer.stride, layer.stride], group=layer.group,
+                                           auto_pad="SAME_UPPER" if k > 1 or layer.stride > 1 else "NOTSET"))
+        if layer.act == "relu6":
+            return self.node("Clip", [out, "relu6_min", "relu6_max"], f"{layer.prefix}.relu6")
+        if layer.act == "relu":
+            return self.node("Relu", [out], f"{layer.prefix}.relu")
+        return out
+
+    def body(self, x: str, stem: ConvLayer, blocks: list[BlockLayers]) -> str:
+        x = self.conv(x, stem)
+        for blk in blocks:
+            h = x
+            for layer in blk.convs:
+                h = self.conv(h, layer)
+            x = self.node("Add", [h, x], f"b{blk.index}.add") if blk.skip else h
+        return x
+
+    def model(self, name: str, outputs: list[Any], metadata: dict[str, str] | None = None) -> Any:
+        """The checked model, its bytes independent of the installed onnx version."""
+        import onnx
+        from onnx import TensorProto, helper
+
+        graph = helper.make_graph(
+            self.nodes, name, [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT,
+                                                             ["batch", 3, "height", "width"])],
+            outputs, initializer=self.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                                  producer_name="mining.effnet", producer_version="1")
+        model.ir_version = IR_VERSION
+        for key, value in sorted((metadata or {}).items()):
+            entry = model.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.checker.check_model(model)
+        return model
+
+
 def build_onnx(weights: dict[str, np.ndarray], with_logits: bool = True, metadata: dict[str, str] | None = None) -> Any:
     """The EfficientNet-Lite graph: input [N,3,H,W] -> features [N,C] (+ logits [N,classes])."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
     arch = derive_architecture(weights)
-    nodes: list[Any] = []
-    inits: list[Any] = [numpy_helper.from_array(np.array(0.0, np.float32), "relu6_min"),
-                        numpy_helper.from_array(np.array(6.0, np.float32), "relu6_max")]
-
-    def conv(x: str, prefix: str, conv_key: str, bn_key: str, stride: int, group: int, act: bool) -> str:
-        w, b = fold_bn(weights[conv_key], weights, bn_key)
-        inits.append(numpy_helper.from_array(w, f"{prefix}.w"))
-        inits.append(numpy_helper.from_array(b, f"{prefix}.b"))
-        out = f"{prefix}.conv"
-        k = w.shape[2]
-        nodes.append(helper.make_node("Conv", [x, f"{prefix}.w", f"{prefix}.b"], [out], name=prefix,
-                                      kernel_shape=[k, k], strides=[stride, stride], group=group,
-                                      auto_pad="SAME_UPPER" if k > 1 or stride > 1 else "NOTSET"))
-        if not act:
-            return out
-        nodes.append(helper.make_node("Clip", [out, "relu6_min", "relu6_max"], [f"{prefix}.relu6"],
-                                      name=f"{prefix}.relu6"))
-        return f"{prefix}.relu6"
-
-    x = conv(INPUT, "stem", "_conv_stem.weight", "_bn0", 2, 1, True)
-    for blk in arch.blocks:
-        p = f"_blocks.{blk.index}."
-        h = x
-        if p + "_expand_conv.weight" in weights:
-            h = conv(h, f"b{blk.index}.expand", p + "_expand_conv.weight", p + "_bn0", 1, 1, True)
-        h = conv(h, f"b{blk.index}.dw", p + "_depthwise_conv.weight", p + "_bn1", blk.stride, blk.expanded, True)
-        h = conv(h, f"b{blk.index}.project", p + "_project_conv.weight", p + "_bn2", 1, 1, False)
-        if blk.skip:
-            nodes.append(helper.make_node("Add", [h, x], [f"b{blk.index}.add"], name=f"b{blk.index}.add"))
-            h = f"b{blk.index}.add"
-        x = h
-    x = conv(x, "head", "_conv_head.weight", "_bn1", 1, 1, True)
-    nodes.append(helper.make_node("GlobalAveragePool", [x], ["pooled"], name="pool"))
-    nodes.append(helper.make_node("Flatten", ["pooled"], [FEATURES], name="flatten", axis=1))
+    g = OnnxGraph()
+    x = g.body(INPUT, *folded_body(weights))
+    x = g.conv(x, ConvLayer("head", *fold_bn(weights["_conv_head.weight"], weights, "_bn1"), 1, 1, "relu6"))
+    g.node("GlobalAveragePool", [x], "pooled", name="pool")
+    g.node("Flatten", ["pooled"], FEATURES, name="flatten", axis=1)
     outputs = [helper.make_tensor_value_info(FEATURES, TensorProto.FLOAT, ["batch", arch.head_ch])]
     if with_logits and arch.num_classes:
-        inits.append(numpy_helper.from_array(weights["_fc.weight"].astype(np.float32), "fc.w"))
-        inits.append(numpy_helper.from_array(weights["_fc.bias"].astype(np.float32), "fc.b"))
-        nodes.append(helper.make_node("Gemm", [FEATURES, "fc.w", "fc.b"], [LOGITS], name="fc", transB=1))
+        g.const("fc.w", weights["_fc.weight"])
+        g.const("fc.b", weights["_fc.bias"])
+        g.node("Gemm", [FEATURES, "fc.w", "fc.b"], LOGITS, name="fc", transB=1)
         outputs.append(helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch", arch.num_classes]))
-    graph = helper.make_graph(
-        nodes, "efficientnet_lite", [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT,
-                                                                    ["batch", 3, "height", "width"])],
-        outputs, initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="mining.effnet", producer_version="1")
-    model.ir_version = IR_VERSION
-    for key, value in sorted((metadata or {}).items()):
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.checker.check_model(model)
-    return model
+    return g.model("efficientnet_lite", outputs, metadata)
 
 
 def convert(checkpoint: Path | bytes, out: Path | None = None, with_logits: bool = True,

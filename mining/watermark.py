@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import io
 import json
 import logging
 import os
@@ -157,6 +158,31 @@ class OnnxClassifierDetector(WatermarkDetector):
             return np.zeros(0)
         logits = self.session.run(None, {self.input_name: self.preprocess(images)})[0]
         return _sigmoid(np.asarray(logits, dtype=np.float64).reshape(len(images), -1)[:, 0])
+
+
+class CnnDetector(OnnxClassifierDetector):
+    """The fine-tuned watermark CNN (`mining watermark finetune`): the original interface, plus its meta.
+
+    The meta carries the calibrated threshold and the photos it trained and calibrated on, so
+    ``evaluate`` measures it on unseen photos only.
+    """
+
+    name = "watermark-cnn"
+    model_file = "model.onnx"
+
+    def __init__(self, model_path: Path | str, meta: dict[str, Any], threads: int = 0) -> None:
+        super().__init__(model_path, threshold=float(meta["threshold"]), name=self.name,
+                         version=str(meta["version"]), input_size=int(meta.get("input_size", 512)), threads=threads)
+        self.meta = meta
+
+    @classmethod
+    def load(cls, directory: Path, threads: int = 0) -> CnnDetector:
+        meta = json.loads((directory / META_FILE).read_text())
+        return cls(directory / cls.model_file, meta, threads=threads)
+
+    @classmethod
+    def save(cls, directory: Path, model: bytes, meta: dict[str, Any]) -> Path:
+        return replace_dir(directory, {cls.model_file: model, META_FILE: _meta_bytes(meta)})
 
 
 # ------------------------------------------------------------------------- text-map features
@@ -599,11 +625,24 @@ class TrainedDetector(WatermarkDetector):
 
 def save_head(directory: Path, head: Head, meta: dict[str, Any]) -> Path:
     """Write head.npz and meta.json atomically (temp dir, then rename over the old one)."""
+    buf = io.BytesIO()
+    np.savez(buf, **head.to_arrays())
+    return replace_dir(directory, {HEAD_FILE: buf.getvalue(), META_FILE: _meta_bytes(meta)})
+
+
+def _meta_bytes(meta: dict[str, Any]) -> bytes:
+    return json.dumps(meta, indent=2, sort_keys=True, default=_json_default).encode()
+
+
+def replace_dir(directory: Path, files: dict[str, bytes]) -> Path:
+    """Write a model folder in a temp dir beside it, then rename it over the old one.
+
+    Readers see the old model or the new one, never half of each.
+    """
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
-    with open(tmp / HEAD_FILE, "wb") as fh:
-        np.savez(fh, **head.to_arrays())
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=_json_default))
+    for name, data in files.items():
+        (tmp / name).write_bytes(data)
     old = None
     if directory.exists():
         old = directory.with_name(f".{directory.name}-old-{os.getpid()}-{time.monotonic_ns()}")
@@ -620,28 +659,56 @@ def detector_dir(settings: Settings) -> Path:
     return settings.models_dir / "watermark"
 
 
+def cnn_dir(settings: Settings) -> Path:
+    return settings.models_dir / "watermark-cnn"
+
+
 def load_detector(settings: Settings, threads: int | None = None) -> WatermarkDetector | None:
     """The configured detector, or None when none is available (the scorer then skips the stage).
 
-    ``settings.watermark_model`` naming an ``.onnx`` file (or a registry entry that resolves to
-    one) selects the original-interface classifier; otherwise the trained default is loaded.
+    ``settings.watermark_model``:
+
+    - ``watermark-default``: the fine-tuned CNN when one is built (`mining watermark finetune`),
+      else the text-evidence detector (`mining watermark train`, which `mining init` runs);
+    - ``watermark-cnn`` or ``watermark-text``: that one, or None when it is not built;
+    - an ``.onnx`` file (or a registry entry that resolves to one): an original-interface classifier.
     """
     threads = settings.intra_op_threads if threads is None else threads
+    name = settings.watermark_model
+    detector: WatermarkDetector | None = None
     onnx_path = _configured_onnx(settings)
     if onnx_path is not None:
         threshold = settings.watermark_threshold if settings.watermark_threshold is not None else 0.5
         return OnnxClassifierDetector(onnx_path, threshold=threshold, threads=threads)
+    if name in ("", "watermark-default", "watermark-cnn"):
+        detector = _load_cnn(settings, threads)
+    if detector is None and name != "watermark-cnn":
+        detector = _load_text(settings, threads)
+    if detector is not None and settings.watermark_threshold is not None:
+        detector.threshold = settings.watermark_threshold
+    return detector
+
+
+def _load_cnn(settings: Settings, threads: int) -> CnnDetector | None:
+    directory = cnn_dir(settings)
+    if not (directory / META_FILE).is_file() or not (directory / CnnDetector.model_file).is_file():
+        return None
+    try:
+        return CnnDetector.load(directory, threads=threads)
+    except (ValueError, KeyError, OSError) as exc:
+        log.warning("watermark CNN in %s unusable: %s", directory, exc)
+        return None
+
+
+def _load_text(settings: Settings, threads: int) -> TrainedDetector | None:
     directory = detector_dir(settings)
     if not (directory / META_FILE).is_file() or not (directory / HEAD_FILE).is_file():
         return None
     try:
-        detector = TrainedDetector.load(directory, settings, threads=threads)
+        return TrainedDetector.load(directory, settings, threads=threads)
     except (ValueError, KeyError, FileNotFoundError, OSError) as exc:
         log.warning("watermark detector in %s unusable: %s", directory, exc)
         return None
-    if settings.watermark_threshold is not None:
-        detector.threshold = settings.watermark_threshold
-    return detector
 
 
 def _configured_onnx(settings: Settings) -> Path | None:
@@ -652,7 +719,7 @@ def _configured_onnx(settings: Settings) -> Path | None:
         if not path.is_file():
             raise FileNotFoundError(f"MINING_WATERMARK_MODEL: {path} does not exist")
         return path
-    if name in ("", "watermark-default"):
+    if name in ("", "watermark-default", "watermark-cnn", "watermark-text"):
         return None
     try:
         from mining.models import model_path  # type: ignore[attr-defined]
@@ -806,7 +873,7 @@ class TrainReport:
         return asdict(self)
 
 
-def _auroc(y: np.ndarray, p: np.ndarray) -> float:
+def auroc(y: np.ndarray, p: np.ndarray) -> float:
     """AUROC, or NaN when only one class is present (nothing to rank)."""
     from sklearn.metrics import roc_auc_score
 
@@ -877,7 +944,7 @@ def train(settings: Settings, clean_dir: Path, out: Path | None = None, n_per_im
     clean = oof[(y == 0) & ~np.isnan(oof)]
     threshold = calibrate_threshold(clean, target_fpr)
     ok = ~np.isnan(oof)
-    cv_auroc = _auroc(y[ok], oof[ok])
+    cv_auroc = auroc(y[ok], oof[ok])
     cv_fpr = float((clean >= threshold).mean()) if len(clean) else float("nan")
     pos = oof[(y == 1) & ok]
     cv_recall = float((pos >= threshold).mean()) if len(pos) else float("nan")
@@ -968,9 +1035,10 @@ def evaluate(settings: Settings, clean_dir: Path, detector: WatermarkDetector | 
              progress: Callable[[int, int], None] | None = None) -> EvalReport:
     """Measure the detector on synthetic watermarks over photos it never saw in training.
 
-    Works for the configured detector of either kind: the trained default (its training photos
-    are skipped, its evidence cached) or an ONNX classifier with the original interface (which
-    records no training photos, so every photo counts).
+    Works for any configured detector: the text-evidence default (its training photos are
+    skipped, its evidence cached), the fine-tuned CNN (its training and calibration photos are
+    skipped) or an ONNX classifier with the original interface (which records no training
+    photos, so every photo counts).
     """
     t0 = time.perf_counter()
     if detector is None:
@@ -979,7 +1047,8 @@ def evaluate(settings: Settings, clean_dir: Path, detector: WatermarkDetector | 
             raise ValueError("no watermark detector: run `mining watermark train --clean DIR` first "
                              "(or set MINING_WATERMARK_MODEL to an ONNX classifier)")
     trained = isinstance(detector, TrainedDetector)
-    seen = set(detector.meta.get("train_photos_sha256", [])) if trained else set()
+    seen = set(detector.meta.get("train_photos_sha256", [])) if isinstance(detector, TrainedDetector | CnnDetector) \
+        else set()
     files = list_images(clean_dir)
     photos = [f for f in files if include_training_photos or _file_digest(f) not in seen]
     excluded = len(files) - len(photos)
@@ -1009,7 +1078,7 @@ def evaluate(settings: Settings, clean_dir: Path, detector: WatermarkDetector | 
 
     return EvalReport(
         detector=detector.version, photos=len({m["photo_sha256"] for m in metas}), samples=len(y),
-        auroc=_auroc(y, p), threshold=thr, fpr_clean=float(hit[y == 0].mean()) if (y == 0).any() else float("nan"),
+        auroc=auroc(y, p), threshold=thr, fpr_clean=float(hit[y == 0].mean()) if (y == 0).any() else float("nan"),
         fpr_by_folder=fpr_by_folder, recall=recall(lambda m: True),
         recall_by_kind={k: recall(lambda m, k=k: m["kind"] == k) for k in KINDS},
         recall_by_strength={s: recall(lambda m, s=s: m["strength"] == s) for s in STRENGTHS},

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from fake_photos import fake_photo
 from onnx import TensorProto, helper
 from PIL import Image
 
@@ -106,7 +107,7 @@ def test_evaluate_measures_an_onnx_classifier_on_the_default_detectors_examples(
     clean = tmp_path / "clean"
     clean.mkdir()
     for i in range(3):
-        _fake_photo(rng).save(clean / f"p{i}.jpg", quality=92)
+        fake_photo(rng).save(clean / f"p{i}.jpg", quality=92)
     det = OnnxClassifierDetector(tiny_classifier, threshold=0.6)
     report = evaluate(settings, clean, detector=det, n_per_image=4, neg_per_image=2)
     assert report.detector == det.version and report.excluded_training_photos == 0  # it records no training photos
@@ -165,25 +166,13 @@ def test_split_files_is_deterministic_and_stratified(tmp_path: Path) -> None:
     assert sum(f.parent.name == "a" for f in held_a) == 5
 
 
-def _fake_photo(rng: np.random.Generator, w: int = 640, h: int = 420) -> Image.Image:
-    """Photo-like clean image: smooth colour fields with soft blobs, no text."""
-    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
-    c0, c1 = rng.uniform(40, 220, 3), rng.uniform(40, 220, 3)
-    t = (xx * rng.uniform(-1, 1) + yy * rng.uniform(-1, 1))[..., None]
-    img = c0 + (c1 - c0) * (t - t.min()) / (np.ptp(t) + 1e-6)
-    coarse = rng.normal(0, 25, (h // 60 + 2, w // 60 + 2, 3))
-    img += np.asarray(Image.fromarray(((coarse + 128).clip(0, 255)).astype(np.uint8)).resize((w, h),
-                      Image.BICUBIC), dtype=np.float64) - 128
-    return Image.fromarray(img.clip(0, 255).astype(np.uint8))
-
-
 @pytest.mark.slow
 def test_train_save_load_predict_separates_strong_watermarks(wm_settings: Settings, tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     clean = tmp_path / "clean"
     clean.mkdir()
     for i in range(8):
-        _fake_photo(rng).save(clean / f"p{i}.jpg", quality=92)
+        fake_photo(rng).save(clean / f"p{i}.jpg", quality=92)
     report = train(wm_settings, clean, n_per_image=4, neg_per_image=2, long_side=640, hidden=())
     assert report.photos == 8 and report.samples == 48 and report.positives == 32
     meta = json.loads((wm_settings.models_dir / "watermark" / watermark.META_FILE).read_text())
@@ -198,7 +187,7 @@ def test_train_save_load_predict_separates_strong_watermarks(wm_settings: Settin
     test_rng = np.random.default_rng(99)
     marked, plain = [], []
     for _ in range(6):
-        photo = _fake_photo(test_rng)
+        photo = fake_photo(test_rng)
         wm, _ = add_watermark(photo, test_rng, kind="centre", strength="strong")
         marked.append(augment_like_reddit(wm, test_rng)[0])
         plain.append(augment_like_reddit(photo, test_rng)[0])
@@ -238,7 +227,7 @@ def test_cli_trains_on_a_single_photo_and_predicts_json_lines(tmp_path: Path, mo
 
     clean = tmp_path / "clean"
     clean.mkdir()
-    _fake_photo(np.random.default_rng(3), 480, 320).save(clean / "only.jpg")
+    fake_photo(np.random.default_rng(3), 480, 320).save(clean / "only.jpg")
     (clean / "notes.txt").write_text("not an image, ignored")
     monkeypatch.setenv("MINING_HOME", str(tmp_path / "home"))
     models = tmp_path / "models"

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from mining.finetune import FinetuneConfig as FinetuneDefaults
 from mining.settings import load_settings
 
 
@@ -24,6 +25,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--target-fpr", type=float, default=None, help="false-positive rate the threshold aims at")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=_train)
+
+    f = sub.add_parser("finetune", help="fine-tune the watermark CNN (needs torch; runs on onnxruntime after)")
+    f.add_argument("--clean", type=Path, required=True, help="folder of clean (unwatermarked) photos")
+    f.add_argument("--out", type=Path, help="output folder (default: <models_dir>/watermark-cnn)")
+    f.add_argument("--steps", type=int, default=FinetuneDefaults.steps,
+                   help=f"training batches (default {FinetuneDefaults.steps}: about an hour on 2 CPU cores)")
+    f.add_argument("--batch", type=int, default=FinetuneDefaults.batch)
+    f.add_argument("--holdout", type=float, default=0.0,
+                   help="fraction of photos (per folder) kept out of training and calibration for `evaluate`")
+    f.add_argument("--calibration", type=float, default=FinetuneDefaults.calibration,
+                   help="fraction of the other photos used only to calibrate the threshold")
+    f.add_argument("--target-fpr", type=float, default=FinetuneDefaults.target_fpr)
+    f.add_argument("--seed", type=int, default=0)
+    f.set_defaults(func=_finetune)
 
     e = sub.add_parser("evaluate", help="AUROC, false positives and per-kind recall on held-out photos")
     e.add_argument("--clean", type=Path, required=True, help="folder of clean photos (training photos are skipped)")
@@ -50,6 +65,22 @@ def _train(args: argparse.Namespace) -> int:
                    neg_per_image=args.clean_per_image, seed=args.seed, holdout=args.holdout,
                    target_fpr=args.target_fpr if args.target_fpr is not None else DEFAULT_TARGET_FPR,
                    progress=_progress)
+    summary = report.as_dict()
+    summary["held_out_photos"] = len(report.held_out_photos)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from mining.finetune import FinetuneConfig, finetune
+
+    config = FinetuneConfig(steps=args.steps, batch=args.batch, holdout=args.holdout, calibration=args.calibration,
+                            target_fpr=args.target_fpr, seed=args.seed)
+
+    def progress(step: int, steps: int, loss: float) -> None:
+        print(f"  step {step}/{steps} loss {loss:.3f}", file=sys.stderr, flush=True)
+
+    report = finetune(load_settings(), args.clean, out=args.out, config=config, progress=progress)
     summary = report.as_dict()
     summary["held_out_photos"] = len(report.held_out_photos)
     print(json.dumps(summary, indent=2))

@@ -1,0 +1,132 @@
+"""The fine-tuned watermark CNN without torch: its ONNX export, runtime detector, selection, evaluation.
+
+Training itself needs torch and is covered by tests/test_finetune_torch.py (the torch tier).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from fake_photos import fake_photo, fake_photo_dir
+
+from mining.finetune import (
+    CELL,
+    CUT,
+    FinetuneConfig,
+    export_onnx,
+    finetune,
+    head_layers,
+    pretrained_body,
+    to_input,
+    training_example,
+)
+from mining.lake import sha256_file
+from mining.settings import Settings
+from mining.watermark import CnnDetector, cnn_dir, evaluate, load_detector, save_head
+
+
+@pytest.fixture(scope="module")
+def cell_model() -> bytes:
+    """The pretrained Lite0 body (from the embedder's wheel) with a freshly initialised cell head."""
+    from mining.settings import load_settings
+
+    stem, blocks = pretrained_body(load_settings(env={}))
+    return export_onnx(stem, blocks, head_layers(np.random.default_rng(0)))
+
+
+@pytest.fixture
+def installed_cnn(settings: Settings, cell_model: bytes, tmp_path: Path) -> Settings:
+    """Settings whose private models_dir holds a 'fine-tuned' CNN (untrained head) with a known threshold."""
+    settings = settings.replace(models_dir=tmp_path / "models")
+    meta = {"version": "wmcnn-test", "threshold": 0.4, "input_size": 512, "train_photos_sha256": []}
+    CnnDetector.save(cnn_dir(settings), cell_model, meta)
+    return settings
+
+
+def test_export_scores_each_cell_and_takes_the_highest(cell_model: bytes) -> None:
+    sess = ort.InferenceSession(cell_model, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).integers(0, 256, (2, 512, 512, 3), dtype=np.uint8)
+    logit, cells = sess.run(None, {"input": to_input(x)})
+    assert logit.shape == (2, 1) and cells.shape == (2, 1, 512 // CELL, 512 // CELL)
+    np.testing.assert_allclose(logit[:, 0], cells.reshape(2, -1).max(axis=1))
+    # Fully convolutional: any size works, the grid follows the input (TF SAME padding rounds up).
+    _, cells = sess.run(None, {"input": to_input(x[:1, :200, :330])})
+    assert cells.shape == (1, 1, 13, 21)
+
+
+def test_body_is_the_embedders_first_blocks() -> None:
+    from mining.settings import load_settings
+
+    stem, blocks = pretrained_body(load_settings(env={}))
+    assert stem.w.shape[:2] == (32, 3) and [b.index for b in blocks] == list(range(CUT))
+    assert blocks[-1].convs[-1].w.shape[0] == 112  # the head's input width
+
+
+def test_training_example_cover_marks_watermarked_cells_only() -> None:
+    rng = np.random.default_rng(3)
+    base = fake_photo(rng, 800, 600)
+    seen = set()
+    for _ in range(12):
+        x, cover, label = training_example(base, rng, 256)
+        assert x.shape == (256, 256, 3) and x.dtype == np.uint8 and cover.shape == (16, 16)
+        assert (cover.max() > 0) == bool(label), "a clean example has no ink; a marked one has some"
+        assert 0 <= cover.min() and cover.max() <= 1
+        seen.add(label)
+    assert seen == {0, 1}
+
+
+def test_config_rejects_nonsense() -> None:
+    with pytest.raises(ValueError, match="multiple of 32"):
+        FinetuneConfig(size=500)
+    with pytest.raises(ValueError, match="positive"):
+        FinetuneConfig(steps=0)
+    with pytest.raises(ValueError, match="calibration"):
+        FinetuneConfig(calibration=0)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is not None, reason="torch is installed here")
+def test_finetune_without_torch_says_how_to_get_it(settings: Settings, tmp_path: Path) -> None:
+    photos = fake_photo_dir(tmp_path / "clean", 3)
+    with pytest.raises(RuntimeError, match=r"pip install -e '\.\[finetune\]'"):
+        finetune(settings, photos)
+
+
+def test_cnn_detector_loads_with_its_threshold_and_reads_files(installed_cnn: Settings, tmp_path: Path) -> None:
+    det = load_detector(installed_cnn)
+    assert isinstance(det, CnnDetector)
+    assert det.threshold == 0.4 and det.version == "wmcnn-test" and det.decode_size == 512
+    fake_photo(np.random.default_rng(0)).save(tmp_path / "a.jpg")
+    (tmp_path / "broken.jpg").write_bytes(b"nope")
+    probs = det.predict_paths([tmp_path / "a.jpg", tmp_path / "broken.jpg"])
+    assert 0 <= probs[0] <= 1 and np.isnan(probs[1])
+    assert load_detector(installed_cnn.replace(watermark_threshold=0.9)).threshold == 0.9
+
+
+def test_selection_prefers_the_cnn_and_can_name_either(installed_cnn: Settings) -> None:
+    from mining.watermark import Head, detector_dir
+
+    assert isinstance(load_detector(installed_cnn.replace(watermark_model="watermark-cnn")), CnnDetector)
+    assert load_detector(installed_cnn.replace(watermark_model="watermark-text")) is None  # none trained
+    head = Head(mean=np.zeros(3), scale=np.ones(3), weights=[np.zeros((3, 1))], biases=[np.zeros(1)])
+    save_head(detector_dir(installed_cnn), head, {"version": "wm-x", "threshold": 0.5, "feature_version": "old"})
+    # The text head on disk is stale (wrong feature version): refused, so the CNN still serves the default.
+    assert isinstance(load_detector(installed_cnn), CnnDetector)
+    for f in cnn_dir(installed_cnn).iterdir():
+        f.unlink()
+    assert load_detector(installed_cnn.replace(watermark_model="watermark-cnn")) is None
+
+
+def test_evaluate_skips_the_photos_the_cnn_trained_and_calibrated_on(installed_cnn: Settings,
+                                                                     cell_model: bytes, tmp_path: Path) -> None:
+    clean = fake_photo_dir(tmp_path / "clean", 4, seed=5)
+    seen = [sha256_file(clean / "p0.jpg"), sha256_file(clean / "p1.jpg")]
+    meta = json.loads((cnn_dir(installed_cnn) / "meta.json").read_text())
+    CnnDetector.save(cnn_dir(installed_cnn), cell_model, {**meta, "train_photos_sha256": seen})
+    report = evaluate(installed_cnn, clean, n_per_image=2, neg_per_image=1)
+    assert report.excluded_training_photos == 2 and report.photos == 2 and report.samples == 6
+    assert report.detector == "wmcnn-test" and report.threshold == 0.4

@@ -1,0 +1,70 @@
+"""Torch tier: fine-tuning the watermark CNN, and the export computing what torch trained.
+
+Run with ``bash .ci/torch-tier.sh`` (creates .venv-torch with torch 2.13 CPU).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import onnxruntime as ort  # noqa: E402
+from fake_photos import fake_photo, fake_photo_dir  # noqa: E402
+
+from mining.finetune import (  # noqa: E402
+    FROZEN,
+    FinetuneConfig,
+    export_onnx,
+    finetune,
+    fit,
+    head_layers,
+    pretrained_body,
+    to_input,
+    torch_model,
+)
+from mining.lake import sha256_file  # noqa: E402
+from mining.settings import Settings, load_settings  # noqa: E402
+from mining.watermark import CnnDetector, cnn_dir, evaluate, load_detector  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+
+def test_export_computes_what_torch_trained() -> None:
+    stem, blocks = pretrained_body(load_settings(env={}))
+    model = torch_model(stem, blocks, head_layers(np.random.default_rng(0)))
+    rng = np.random.default_rng(1)
+    bases = [fake_photo(rng, 400, 300) for _ in range(2)]
+    before = [c.weight.detach().clone() for c in model.convs]
+    losses = fit(model, bases, FinetuneConfig(steps=2, batch=2, size=128, warmup=1))
+    assert len(losses) == 1 and np.isfinite(losses[0])
+    changed = [not torch.equal(b, c.weight) for b, c in zip(before, model.convs, strict=True)]
+    frozen = 1 + sum(len(b.convs) for b in blocks[:FROZEN])
+    assert not any(changed[:frozen]) and all(changed[frozen:]), "the stem and first blocks stay; the rest trains"
+    x = rng.integers(0, 256, (3, 200, 330, 3), dtype=np.uint8)  # odd size: SAME padding on both sides
+    with torch.no_grad():
+        want = model(torch.from_numpy(to_input(x))).numpy()
+    sess = ort.InferenceSession(export_onnx(*model.trained_layers()), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"input": to_input(x)})[0][:, 0]
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_finetune_installs_a_calibrated_cnn_that_evaluate_measures_on_unseen_photos(
+        settings: Settings, tmp_path: Path) -> None:
+    settings = settings.replace(models_dir=tmp_path / "models")
+    clean = fake_photo_dir(tmp_path / "clean", 9, seed=2)
+    config = FinetuneConfig(steps=3, batch=2, size=128, warmup=1, holdout=0.34, calibration=0.34)
+    report = finetune(settings, clean, config=config)
+    assert report.train_photos == 4 and report.calibration_photos == 2 and len(report.held_out_photos) == 3
+    meta = json.loads((cnn_dir(settings) / "meta.json").read_text())
+    assert meta["version"] == report.version and meta["threshold"] == report.threshold
+    assert len(meta["train_photos_sha256"]) == 6
+    assert not {sha256_file(Path(p)) for p in report.held_out_photos} & set(meta["train_photos_sha256"])
+    det = load_detector(settings)
+    assert isinstance(det, CnnDetector) and det.threshold == report.threshold and det.input_size == 128
+    result = evaluate(settings, clean, n_per_image=2, neg_per_image=1)
+    assert result.excluded_training_photos == 6 and result.photos == 3 and result.detector == report.version
