@@ -356,7 +356,7 @@ def finetune(settings: Settings, clean_dir: Path, out: Path | None = None, confi
                         threads=settings.intra_op_threads)
     scores, labels = [], []
     for photo in calib_files:
-        examples = list(synth_examples(photo, 8, 4, config.seed + 2))
+        examples = list(synth_examples(photo, 8, 8, config.seed + 2))
         scores.append(probe.predict([img for img, _ in examples]))
         labels += [m["label"] for _, m in examples]
     p, y = np.concatenate(scores), np.asarray(labels)

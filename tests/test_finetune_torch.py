@@ -60,6 +60,7 @@ def test_finetune_installs_a_calibrated_cnn_that_evaluate_measures_on_unseen_pho
     config = FinetuneConfig(steps=3, batch=2, size=128, warmup=1, holdout=0.34, calibration=0.34)
     report = finetune(settings, clean, config=config)
     assert report.train_photos == 4 and report.calibration_photos == 2 and len(report.held_out_photos) == 3
+    assert 0 < report.threshold < 1 and len(report.losses) == 1
     meta = json.loads((cnn_dir(settings) / "meta.json").read_text())
     assert meta["version"] == report.version and meta["threshold"] == report.threshold
     assert len(meta["train_photos_sha256"]) == 6
