@@ -184,11 +184,15 @@ def pretrained_body(settings: Settings) -> tuple[ConvLayer, list[BlockLayers]]:
     return folded_body(read_checkpoint(checkpoint), CUT)
 
 
+class TorchMissing(RuntimeError):
+    """Fine-tuning was asked for where torch is not installed."""
+
+
 def _require_torch() -> Any:
     try:
         import torch
     except ImportError as exc:
-        raise RuntimeError("fine-tuning the watermark CNN needs torch: pip install -e '.[finetune]' "
+        raise TorchMissing("fine-tuning the watermark CNN needs torch: pip install -e '.[finetune]' "
                            "(the trained model then runs on onnxruntime alone)") from exc
     return torch
 

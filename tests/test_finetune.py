@@ -90,10 +90,15 @@ def test_config_rejects_nonsense() -> None:
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch") is not None, reason="torch is installed here")
-def test_finetune_without_torch_says_how_to_get_it(settings: Settings, tmp_path: Path) -> None:
+def test_finetune_without_torch_says_how_to_get_it(settings: Settings, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from mining.cli import main
+
     photos = fake_photo_dir(tmp_path / "clean", 3)
     with pytest.raises(RuntimeError, match=r"pip install -e '\.\[finetune\]'"):
         finetune(settings, photos)
+    assert main(["watermark", "finetune", "--clean", str(photos), "--out", str(tmp_path / "cnn")]) == 1
+    assert "needs torch: pip install" in capsys.readouterr().err and not (tmp_path / "cnn").exists()
 
 
 def test_cnn_detector_loads_with_its_threshold_and_reads_files(installed_cnn: Settings, tmp_path: Path) -> None:

@@ -72,7 +72,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from mining.finetune import FinetuneConfig, finetune
+    from mining.finetune import FinetuneConfig, TorchMissing, finetune
 
     config = FinetuneConfig(steps=args.steps, batch=args.batch, holdout=args.holdout, calibration=args.calibration,
                             target_fpr=args.target_fpr, seed=args.seed)
@@ -80,7 +80,11 @@ def _finetune(args: argparse.Namespace) -> int:
     def progress(step: int, steps: int, loss: float) -> None:
         print(f"  step {step}/{steps} loss {loss:.3f}", file=sys.stderr, flush=True)
 
-    report = finetune(load_settings(), args.clean, out=args.out, config=config, progress=progress)
+    try:
+        report = finetune(load_settings(), args.clean, out=args.out, config=config, progress=progress)
+    except TorchMissing as exc:
+        print(f"mining: {exc}", file=sys.stderr)
+        return 1
     summary = report.as_dict()
     summary["held_out_photos"] = len(report.held_out_photos)
     print(json.dumps(summary, indent=2))
