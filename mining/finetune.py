@@ -49,7 +49,7 @@ CELLS = "cells"
 class FinetuneConfig:
     """Knobs of one fine-tuning run; the defaults are the measured recipe (docs/watermark.md)."""
 
-    steps: int = 1400
+    steps: int = 900
     batch: int = 12
     lr: float = 6e-4  # head; the trainable body gets a third of it
     size: int = 512  # the original interface's input
@@ -249,8 +249,10 @@ def torch_model(stem: ConvLayer, blocks: list[BlockLayers], head: Sequence[ConvL
             return self.head_cells(self.blocks_range(self.stem(x), 0)).amax(dim=(1, 2))
 
         def trained_layers(self) -> tuple[ConvLayer, list[BlockLayers], list[ConvLayer]]:
-            done = [ConvLayer(layer.prefix, conv.weight.detach().cpu().numpy().astype(np.float32),
-                              conv.bias.detach().cpu().numpy().astype(np.float32), layer.stride, layer.group,
+            def array(t: Any) -> np.ndarray:  # C order whatever the tensor's memory format
+                return np.ascontiguousarray(t.detach().cpu().numpy(), dtype=np.float32)
+
+            done = [ConvLayer(layer.prefix, array(conv.weight), array(conv.bias), layer.stride, layer.group,
                               layer.act) for layer, conv in zip(self.layers, self.convs, strict=True)]
             out_blocks, i = [], 1
             for blk in self.blocks:
@@ -273,7 +275,8 @@ def fit(model: Any, bases: Sequence[Image.Image], config: FinetuneConfig, device
     torch = _require_torch()
     fn = torch.nn.functional
     torch.manual_seed(config.seed)
-    model.to(device)
+    # NHWC activations take oneDNN's faster CPU kernels: about 1.25x per step on 2 cores.
+    model.to(device, memory_format=torch.channels_last)
     frozen_convs = 1 + sum(len(b.convs) for b in model.blocks[:FROZEN])
     for conv in model.convs[:frozen_convs]:
         conv.requires_grad_(False)
@@ -290,7 +293,7 @@ def fit(model: Any, bases: Sequence[Image.Image], config: FinetuneConfig, device
         scale = 0.5 * (1 + math.cos(math.pi * step / config.steps)) * min(1.0, (step + 1) / config.warmup)
         for group, base_lr in zip(opt.param_groups, (config.lr, config.lr / 3), strict=True):
             group["lr"] = base_lr * max(scale, 0.02)
-        xb = torch.from_numpy(to_input(x)).to(device)
+        xb = torch.from_numpy(to_input(x)).to(device, memory_format=torch.channels_last)
         with torch.no_grad():  # the frozen layers need no graph
             h = model.blocks_range(model.stem(xb), 0, FROZEN)
         cells = model.head_cells(model.blocks_range(h, FROZEN))

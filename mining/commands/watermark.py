@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("--clean", type=Path, required=True, help="folder of clean (unwatermarked) photos")
     f.add_argument("--out", type=Path, help="output folder (default: <models_dir>/watermark-cnn)")
     f.add_argument("--steps", type=int, default=FinetuneDefaults.steps,
-                   help=f"training batches (default {FinetuneDefaults.steps}: about 75 minutes on 2 CPU cores)")
+                   help=f"training batches (default {FinetuneDefaults.steps}: about an hour on 2 CPU cores)")
     f.add_argument("--batch", type=int, default=FinetuneDefaults.batch)
     f.add_argument("--holdout", type=float, default=0.0,
                    help="fraction of photos (per folder) kept out of training and calibration for `evaluate`")
