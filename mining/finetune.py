@@ -313,11 +313,14 @@ def fit(model: Any, bases: Sequence[Image.Image], config: FinetuneConfig, device
 
 
 def finetune(settings: Settings, clean_dir: Path, out: Path | None = None, config: FinetuneConfig | None = None,
-             progress: Callable[[int, int, float], None] | None = None) -> FinetuneReport:
+             progress: Callable[[int, int, float], None] | None = None,
+             extra_clean: Sequence[Path] = ()) -> FinetuneReport:
     """Fine-tune, export and calibrate the watermark CNN on synthetic marks over ``clean_dir``'s photos.
 
     Photos are split (per folder, by name hash): ``holdout`` never used (for ``evaluate``),
-    ``calibration`` of the rest only for the threshold, the remainder for training. The new
+    ``calibration`` of the rest only for the threshold, the remainder for training.
+    ``extra_clean`` folders add photos that are never held out: more variety for training and
+    calibration without changing which of ``clean_dir``'s photos ``evaluate`` measures. The new
     model replaces ``<models_dir>/watermark-cnn`` atomically.
     """
     from mining.lake import sha256_file
@@ -339,6 +342,11 @@ def finetune(settings: Settings, clean_dir: Path, out: Path | None = None, confi
     if not files:
         raise ValueError(f"no images found under {clean_dir}")
     usable, held = split_files(files, config.holdout, config.seed) if config.holdout > 0 else (files, [])
+    for folder in extra_clean:
+        extra = list_images(folder)
+        if not extra:
+            raise ValueError(f"no images found under {folder}")
+        usable = sorted({*usable, *extra} - set(held))
     train_files, calib_files = split_files(usable, config.calibration, config.seed + 1)
     if not train_files or not calib_files:
         raise ValueError(f"{len(usable)} photos under {clean_dir}: need at least 2 (training and calibration)")
@@ -367,7 +375,8 @@ def finetune(settings: Settings, clean_dir: Path, out: Path | None = None, confi
     meta = {"name": CnnDetector.name, "version": version, "cnn_version": CNN_VERSION, "input_size": config.size,
             "threshold": threshold, "target_fpr": config.target_fpr, "created_at": time.strftime(
                 "%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": asdict(config), "device": device,
-            "training": {"clean_dir": str(clean_dir), "photos": len(train_files),
+            "training": {"clean_dir": str(clean_dir), "extra_clean": [str(d) for d in extra_clean],
+                         "photos": len(train_files),
                          "calibration_photos": len(calib_files), "losses": losses},
             "metrics": metrics, "train_photos_sha256": seen}
     target = out or cnn_dir(settings)

@@ -29,7 +29,7 @@ from mining.finetune import (  # noqa: E402
 )
 from mining.lake import sha256_file  # noqa: E402
 from mining.settings import Settings, load_settings  # noqa: E402
-from mining.watermark import CnnDetector, cnn_dir, evaluate, load_detector  # noqa: E402
+from mining.watermark import CnnDetector, cnn_dir, evaluate, list_images, load_detector, split_files  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -69,3 +69,19 @@ def test_finetune_installs_a_calibrated_cnn_that_evaluate_measures_on_unseen_pho
     assert isinstance(det, CnnDetector) and det.threshold == report.threshold and det.input_size == 128
     result = evaluate(settings, clean, n_per_image=2, neg_per_image=1)
     assert result.excluded_training_photos == 6 and result.photos == 3 and result.detector == report.version
+
+
+def test_extra_clean_photos_train_and_calibrate_but_never_move_the_held_out_set(
+        settings: Settings, tmp_path: Path) -> None:
+    settings = settings.replace(models_dir=tmp_path / "models")
+    clean = fake_photo_dir(tmp_path / "clean", 9, seed=2)
+    extra = fake_photo_dir(tmp_path / "extra", 5, seed=3)
+    config = FinetuneConfig(steps=1, batch=2, size=128, warmup=1, holdout=0.34, calibration=0.34)
+    report = finetune(settings, clean, config=config, extra_clean=[extra])
+    assert report.held_out_photos == [str(p) for p in split_files(list_images(clean), 0.34, 0)[1]]
+    assert report.train_photos + report.calibration_photos == 6 + 5
+    seen = set(json.loads((cnn_dir(settings) / "meta.json").read_text())["train_photos_sha256"])
+    assert {sha256_file(p) for p in list_images(extra)} <= seen
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images found"):
+        finetune(settings, clean, config=config, extra_clean=[tmp_path / "empty"])

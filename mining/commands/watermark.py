@@ -36,6 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="fraction of photos (per folder) kept out of training and calibration for `evaluate`")
     f.add_argument("--calibration", type=float, default=FinetuneDefaults.calibration,
                    help="fraction of the other photos used only to calibrate the threshold")
+    f.add_argument("--extra-clean", type=Path, action="append", default=[], metavar="DIR",
+                   help="more clean photos, never held out (repeatable): variety for training and calibration")
     f.add_argument("--target-fpr", type=float, default=FinetuneDefaults.target_fpr)
     f.add_argument("--seed", type=int, default=0)
     f.set_defaults(func=_finetune)
@@ -81,7 +83,8 @@ def _finetune(args: argparse.Namespace) -> int:
         print(f"  step {step}/{steps} loss {loss:.3f}", file=sys.stderr, flush=True)
 
     try:
-        report = finetune(load_settings(), args.clean, out=args.out, config=config, progress=progress)
+        report = finetune(load_settings(), args.clean, out=args.out, config=config, progress=progress,
+                          extra_clean=args.extra_clean)
     except TorchMissing as exc:
         print(f"mining: {exc}", file=sys.stderr)
         return 1
