@@ -18,6 +18,7 @@ photos the network never trained on.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import queue
@@ -25,7 +26,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +176,32 @@ def export_onnx(stem: ConvLayer, blocks: list[BlockLayers], head: Sequence[ConvL
     return g.model("watermark_cells", outputs, metadata).SerializeToString()
 
 
+def warm_layers(model: bytes, stem: ConvLayer, blocks: list[BlockLayers], head: Sequence[ConvLayer],
+                ) -> tuple[ConvLayer, list[BlockLayers], list[ConvLayer]]:
+    """The same layers carrying the weights a previous fine-tune exported, to train on from there.
+
+    Why: a grown gallery or more photos need not cost a fresh hour; and two runs add up to a
+    longer schedule than one session of CPU allows. Refuses a model of another architecture.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load_from_string(model)
+    version = {p.key: p.value for p in graph.metadata_props}.get("cnn_version")
+    if version != CNN_VERSION:
+        raise ValueError(f"the initial model is a {version or 'foreign'} network, not {CNN_VERSION}")
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.graph.initializer}
+
+    def take(layer: ConvLayer) -> ConvLayer:
+        w, b = inits.get(f"{layer.prefix}.w"), inits.get(f"{layer.prefix}.b")
+        if w is None or b is None or w.shape != layer.w.shape or b.shape != layer.b.shape:
+            raise ValueError(f"the initial model has no {layer.prefix} weights of shape {layer.w.shape}")
+        return replace(layer, w=w.astype(np.float32), b=b.astype(np.float32))
+
+    return (take(stem), [replace(blk, convs=tuple(take(c) for c in blk.convs)) for blk in blocks],
+            [take(layer) for layer in head])
+
+
 def pretrained_body(settings: Settings) -> tuple[ConvLayer, list[BlockLayers]]:
     """Lite0's stem and first CUT blocks, batch-norm folded, from the embedder's registry checkpoint."""
     from mining.models import load_spec, source_member
@@ -314,14 +341,16 @@ def fit(model: Any, bases: Sequence[Image.Image], config: FinetuneConfig, device
 
 def finetune(settings: Settings, clean_dir: Path, out: Path | None = None, config: FinetuneConfig | None = None,
              progress: Callable[[int, int, float], None] | None = None,
-             extra_clean: Sequence[Path] = ()) -> FinetuneReport:
+             extra_clean: Sequence[Path] = (), init: Path | None = None) -> FinetuneReport:
     """Fine-tune, export and calibrate the watermark CNN on synthetic marks over ``clean_dir``'s photos.
 
     Photos are split (per folder, by name hash): ``holdout`` never used (for ``evaluate``),
     ``calibration`` of the rest only for the threshold, the remainder for training.
     ``extra_clean`` folders add photos that are never held out: more variety for training and
-    calibration without changing which of ``clean_dir``'s photos ``evaluate`` measures. The new
-    model replaces ``<models_dir>/watermark-cnn`` atomically.
+    calibration without changing which of ``clean_dir``'s photos ``evaluate`` measures. ``init``
+    (a fine-tuned model's folder) starts from its weights instead of the pretrained body; the
+    photos it had seen stay listed as seen. The new model replaces ``<models_dir>/watermark-cnn``
+    atomically.
     """
     from mining.lake import sha256_file
     from mining.watermark import (
@@ -342,6 +371,11 @@ def finetune(settings: Settings, clean_dir: Path, out: Path | None = None, confi
     if not files:
         raise ValueError(f"no images found under {clean_dir}")
     usable, held = split_files(files, config.holdout, config.seed) if config.holdout > 0 else (files, [])
+    start: tuple[bytes, set[str]] | None = None
+    if init is not None:
+        init_meta = json.loads((init / "meta.json").read_text())
+        start = ((init / CnnDetector.model_file).read_bytes(), set(init_meta["train_photos_sha256"]))
+        held = [f for f in held if sha256_file(f) not in start[1]]  # seen before: no longer unseen
     for folder in extra_clean:
         extra = list_images(folder)
         if not extra:
@@ -355,7 +389,8 @@ def finetune(settings: Settings, clean_dir: Path, out: Path | None = None, confi
         torch.set_num_threads(settings.intra_op_threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     stem, blocks = pretrained_body(settings)
-    model = torch_model(stem, blocks, head_layers(np.random.default_rng(config.seed)))
+    layers = (stem, blocks, head_layers(np.random.default_rng(config.seed)))
+    model = torch_model(*(warm_layers(start[0], *layers) if start else layers))
     losses = fit(model, bases, config, device, progress)
     data = export_onnx(*model.trained_layers(), metadata={"cnn_version": CNN_VERSION})
     version = "wmcnn-" + hashlib.sha256(data).hexdigest()[:12]
@@ -371,11 +406,12 @@ def finetune(settings: Settings, clean_dir: Path, out: Path | None = None, confi
     threshold = calibrate_threshold(p[y == 0], config.target_fpr)
     metrics = {"calibration_auroc": auroc(y, p), "calibration_fpr": float((p[y == 0] >= threshold).mean()),
                "calibration_recall": float((p[y == 1] >= threshold).mean())}
-    seen = sorted({sha256_file(f) for f in [*train_files, *calib_files]})
+    seen = sorted({sha256_file(f) for f in [*train_files, *calib_files]} | (start[1] if start else set()))
     meta = {"name": CnnDetector.name, "version": version, "cnn_version": CNN_VERSION, "input_size": config.size,
             "threshold": threshold, "target_fpr": config.target_fpr, "created_at": time.strftime(
                 "%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": asdict(config), "device": device,
             "training": {"clean_dir": str(clean_dir), "extra_clean": [str(d) for d in extra_clean],
+                         "init": str(init) if init else None,
                          "photos": len(train_files),
                          "calibration_photos": len(calib_files), "losses": losses},
             "metrics": metrics, "train_photos_sha256": seen}

@@ -16,6 +16,7 @@ from fake_photos import fake_photo, fake_photo_dir
 
 from mining.finetune import (
     CELL,
+    CNN_VERSION,
     CUT,
     FinetuneConfig,
     export_onnx,
@@ -24,6 +25,7 @@ from mining.finetune import (
     pretrained_body,
     to_input,
     training_example,
+    warm_layers,
 )
 from mining.lake import sha256_file
 from mining.settings import Settings
@@ -65,6 +67,19 @@ def test_body_is_the_embedders_first_blocks() -> None:
     stem, blocks = pretrained_body(load_settings(env={}))
     assert stem.w.shape[:2] == (32, 3) and [b.index for b in blocks] == list(range(CUT))
     assert blocks[-1].convs[-1].w.shape[0] == 112  # the head's input width
+
+
+def test_warm_start_takes_every_weight_of_a_previous_model_and_refuses_others(cell_model: bytes) -> None:
+    from mining.settings import load_settings
+
+    stem, blocks = pretrained_body(load_settings(env={}))
+    tag = {"cnn_version": CNN_VERSION}
+    previous = export_onnx(stem, blocks, head_layers(np.random.default_rng(7)), metadata=tag)
+    fresh = (stem, blocks, head_layers(np.random.default_rng(8)))
+    assert export_onnx(*fresh, metadata=tag) != previous
+    assert export_onnx(*warm_layers(previous, *fresh), metadata=tag) == previous
+    with pytest.raises(ValueError, match="not " + CNN_VERSION):
+        warm_layers(cell_model, *fresh)  # no architecture tag: not one of ours
 
 
 def test_training_example_cover_marks_watermarked_cells_only() -> None:

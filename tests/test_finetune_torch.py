@@ -71,7 +71,7 @@ def test_finetune_installs_a_calibrated_cnn_that_evaluate_measures_on_unseen_pho
     assert result.excluded_training_photos == 6 and result.photos == 3 and result.detector == report.version
 
 
-def test_extra_clean_photos_train_and_calibrate_but_never_move_the_held_out_set(
+def test_extra_clean_photos_and_warm_starts_never_move_the_held_out_set(
         settings: Settings, tmp_path: Path) -> None:
     settings = settings.replace(models_dir=tmp_path / "models")
     clean = fake_photo_dir(tmp_path / "clean", 9, seed=2)
@@ -82,6 +82,10 @@ def test_extra_clean_photos_train_and_calibrate_but_never_move_the_held_out_set(
     assert report.train_photos + report.calibration_photos == 6 + 5
     seen = set(json.loads((cnn_dir(settings) / "meta.json").read_text())["train_photos_sha256"])
     assert {sha256_file(p) for p in list_images(extra)} <= seen
+    # Warm start from that model, on the clean folder alone: what it had seen stays listed as seen.
+    warm = finetune(settings.replace(models_dir=tmp_path / "warm"), clean, config=config, init=cnn_dir(settings))
+    warm_meta = json.loads((Path(warm.path) / "meta.json").read_text())
+    assert set(warm_meta["train_photos_sha256"]) == seen and warm_meta["training"]["init"] == str(cnn_dir(settings))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no images found"):
         finetune(settings, clean, config=config, extra_clean=[tmp_path / "empty"])

@@ -38,6 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="fraction of the other photos used only to calibrate the threshold")
     f.add_argument("--extra-clean", type=Path, action="append", default=[], metavar="DIR",
                    help="more clean photos, never held out (repeatable): variety for training and calibration")
+    f.add_argument("--init", type=Path, metavar="DIR",
+                   help="start from this fine-tuned model's weights (e.g. models/watermark-cnn) instead of afresh")
+    f.add_argument("--lr", type=float, default=FinetuneDefaults.lr, help="peak learning rate of the head")
     f.add_argument("--target-fpr", type=float, default=FinetuneDefaults.target_fpr)
     f.add_argument("--seed", type=int, default=0)
     f.set_defaults(func=_finetune)
@@ -77,14 +80,14 @@ def _finetune(args: argparse.Namespace) -> int:
     from mining.finetune import FinetuneConfig, TorchMissing, finetune
 
     config = FinetuneConfig(steps=args.steps, batch=args.batch, holdout=args.holdout, calibration=args.calibration,
-                            target_fpr=args.target_fpr, seed=args.seed)
+                            target_fpr=args.target_fpr, seed=args.seed, lr=args.lr)
 
     def progress(step: int, steps: int, loss: float) -> None:
         print(f"  step {step}/{steps} loss {loss:.3f}", file=sys.stderr, flush=True)
 
     try:
         report = finetune(load_settings(), args.clean, out=args.out, config=config, progress=progress,
-                          extra_clean=args.extra_clean)
+                          extra_clean=args.extra_clean, init=args.init)
     except TorchMissing as exc:
         print(f"mining: {exc}", file=sys.stderr)
         return 1
