@@ -372,16 +372,25 @@ def finetune(settings: Settings, clean_dir: Path, out: Path | None = None, confi
         raise ValueError(f"no images found under {clean_dir}")
     usable, held = split_files(files, config.holdout, config.seed) if config.holdout > 0 else (files, [])
     start: tuple[bytes, set[str]] | None = None
+    trained_before: set[str] = set()  # photos the initial weights were fitted on: never calibration
     if init is not None:
         init_meta = json.loads((init / "meta.json").read_text())
         start = ((init / CnnDetector.model_file).read_bytes(), set(init_meta["train_photos_sha256"]))
         held = [f for f in held if sha256_file(f) not in start[1]]  # seen before: no longer unseen
+        if "calibration_photos_sha256" in init_meta:
+            trained_before = start[1] - set(init_meta["calibration_photos_sha256"])
+        else:
+            log.warning("%s does not list its calibration photos; the threshold may be set on photos "
+                        "it trained on", init)
     for folder in extra_clean:
         extra = list_images(folder)
         if not extra:
             raise ValueError(f"no images found under {folder}")
         usable = sorted({*usable, *extra} - set(held))
     train_files, calib_files = split_files(usable, config.calibration, config.seed + 1)
+    if trained_before:
+        moved = [f for f in calib_files if sha256_file(f) in trained_before]
+        train_files, calib_files = sorted([*train_files, *moved]), [f for f in calib_files if f not in moved]
     if not train_files or not calib_files:
         raise ValueError(f"{len(usable)} photos under {clean_dir}: need at least 2 (training and calibration)")
     bases = [open_for_detection(f, config.decode_long_side) for f in train_files]
@@ -414,7 +423,8 @@ def finetune(settings: Settings, clean_dir: Path, out: Path | None = None, confi
                          "init": str(init) if init else None,
                          "photos": len(train_files),
                          "calibration_photos": len(calib_files), "losses": losses},
-            "metrics": metrics, "train_photos_sha256": seen}
+            "metrics": metrics, "train_photos_sha256": seen,
+            "calibration_photos_sha256": sorted(sha256_file(f) for f in calib_files)}
     target = out or cnn_dir(settings)
     CnnDetector.save(target, data, meta)
     return FinetuneReport(version=version, path=str(target), train_photos=len(train_files),

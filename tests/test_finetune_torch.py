@@ -86,6 +86,14 @@ def test_extra_clean_photos_and_warm_starts_never_move_the_held_out_set(
     warm = finetune(settings.replace(models_dir=tmp_path / "warm"), clean, config=config, init=cnn_dir(settings))
     warm_meta = json.loads((Path(warm.path) / "meta.json").read_text())
     assert set(warm_meta["train_photos_sha256"]) == seen and warm_meta["training"]["init"] == str(cnn_dir(settings))
+    # Another split (seed): photos the first model trained on never calibrate the second's threshold.
+    reseeded = finetune(settings.replace(models_dir=tmp_path / "reseeded"), clean, extra_clean=[extra],
+                        config=FinetuneConfig(steps=1, batch=2, size=128, warmup=1, holdout=0.34, calibration=0.34,
+                                              seed=5), init=cnn_dir(settings))
+    first = json.loads((cnn_dir(settings) / "meta.json").read_text())
+    trained_by_first = set(first["train_photos_sha256"]) - set(first["calibration_photos_sha256"])
+    calibrated = json.loads((Path(reseeded.path) / "meta.json").read_text())["calibration_photos_sha256"]
+    assert calibrated and not set(calibrated) & trained_by_first
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no images found"):
         finetune(settings, clean, config=config, extra_clean=[tmp_path / "empty"])
