@@ -16,6 +16,7 @@ transparent PNGs.
 from __future__ import annotations
 
 import argparse
+import functools
 import subprocess
 import tempfile
 from pathlib import Path
@@ -53,10 +54,14 @@ def fetch(out: Path, min_bytes: int = 100_000, max_side: int = 2048) -> list[Pat
     return written
 
 
+@functools.cache
 def largest(folder: Path) -> str:
-    """Name of the folder's picture with the most pixels."""
-    return max((p for p in folder.iterdir() if p.suffix.lower() in SUFFIXES),
-               key=lambda p: Image.open(p).size[0] * Image.open(p).size[1]).name
+    """Name of the folder's picture with the most pixels (read once per folder: headers only)."""
+    def pixels(p: Path) -> int:
+        with Image.open(p) as im:
+            return im.width * im.height
+
+    return max((p for p in folder.iterdir() if p.suffix.lower() in SUFFIXES), key=pixels).name
 
 
 def main() -> None:

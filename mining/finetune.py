@@ -17,6 +17,7 @@ photos the network never trained on.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -371,14 +372,16 @@ def finetune(settings: Settings, clean_dir: Path, out: Path | None = None, confi
     if not files:
         raise ValueError(f"no images found under {clean_dir}")
     usable, held = split_files(files, config.holdout, config.seed) if config.holdout > 0 else (files, [])
-    start: tuple[bytes, set[str]] | None = None
+    digest = functools.cache(sha256_file)  # each photo hashed once
+    init_model: bytes | None = None
+    init_seen: set[str] = set()
     trained_before: set[str] = set()  # photos the initial weights were fitted on: never calibration
     if init is not None:
         init_meta = json.loads((init / "meta.json").read_text())
-        start = ((init / CnnDetector.model_file).read_bytes(), set(init_meta["train_photos_sha256"]))
-        held = [f for f in held if sha256_file(f) not in start[1]]  # seen before: no longer unseen
+        init_model, init_seen = (init / CnnDetector.model_file).read_bytes(), set(init_meta["train_photos_sha256"])
+        held = [f for f in held if digest(f) not in init_seen]  # seen before: no longer unseen
         if "calibration_photos_sha256" in init_meta:
-            trained_before = start[1] - set(init_meta["calibration_photos_sha256"])
+            trained_before = init_seen - set(init_meta["calibration_photos_sha256"])
         else:
             log.warning("%s does not list its calibration photos; the threshold may be set on photos "
                         "it trained on", init)
@@ -388,8 +391,8 @@ def finetune(settings: Settings, clean_dir: Path, out: Path | None = None, confi
             raise ValueError(f"no images found under {folder}")
         usable = sorted({*usable, *extra} - set(held))
     train_files, calib_files = split_files(usable, config.calibration, config.seed + 1)
-    if trained_before:
-        moved = [f for f in calib_files if sha256_file(f) in trained_before]
+    moved = [f for f in calib_files if digest(f) in trained_before]
+    if moved:
         train_files, calib_files = sorted([*train_files, *moved]), [f for f in calib_files if f not in moved]
     if not train_files or not calib_files:
         raise ValueError(f"{len(usable)} photos under {clean_dir}: need at least 2 (training and calibration)")
@@ -399,7 +402,7 @@ def finetune(settings: Settings, clean_dir: Path, out: Path | None = None, confi
     device = "cuda" if torch.cuda.is_available() else "cpu"
     stem, blocks = pretrained_body(settings)
     layers = (stem, blocks, head_layers(np.random.default_rng(config.seed)))
-    model = torch_model(*(warm_layers(start[0], *layers) if start else layers))
+    model = torch_model(*(warm_layers(init_model, *layers) if init_model else layers))
     losses = fit(model, bases, config, device, progress)
     data = export_onnx(*model.trained_layers(), metadata={"cnn_version": CNN_VERSION})
     version = "wmcnn-" + hashlib.sha256(data).hexdigest()[:12]
@@ -415,7 +418,7 @@ def finetune(settings: Settings, clean_dir: Path, out: Path | None = None, confi
     threshold = calibrate_threshold(p[y == 0], config.target_fpr)
     metrics = {"calibration_auroc": auroc(y, p), "calibration_fpr": float((p[y == 0] >= threshold).mean()),
                "calibration_recall": float((p[y == 1] >= threshold).mean())}
-    seen = sorted({sha256_file(f) for f in [*train_files, *calib_files]} | (start[1] if start else set()))
+    seen = sorted({digest(f) for f in [*train_files, *calib_files]} | init_seen)
     meta = {"name": CnnDetector.name, "version": version, "cnn_version": CNN_VERSION, "input_size": config.size,
             "threshold": threshold, "target_fpr": config.target_fpr, "created_at": time.strftime(
                 "%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": asdict(config), "device": device,
@@ -424,7 +427,7 @@ def finetune(settings: Settings, clean_dir: Path, out: Path | None = None, confi
                          "photos": len(train_files),
                          "calibration_photos": len(calib_files), "losses": losses},
             "metrics": metrics, "train_photos_sha256": seen,
-            "calibration_photos_sha256": sorted(sha256_file(f) for f in calib_files)}
+            "calibration_photos_sha256": sorted(digest(f) for f in calib_files)}
     target = out or cnn_dir(settings)
     CnnDetector.save(target, data, meta)
     return FinetuneReport(version=version, path=str(target), train_photos=len(train_files),
