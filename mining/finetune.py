@@ -64,12 +64,15 @@ class FinetuneConfig:
     calibration: float = 0.2  # share of the remaining photos kept out of training to set the threshold
     target_fpr: float = 0.03
     decode_long_side: int = 1600  # training photos are held in memory at this size
+    scene_text: float = 0.0  # share of examples (either label) given a sign, page or label that is part of the scene
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch < 1:
             raise ValueError("steps and batch must be positive")
         if self.size % 32:
             raise ValueError(f"size must be a multiple of 32, got {self.size}")
+        if not 0 <= self.scene_text <= 1:
+            raise ValueError(f"scene_text is a share in [0, 1], got {self.scene_text}")
         if not 0 <= self.holdout < 1 or not 0 < self.calibration < 1:
             raise ValueError("holdout must be in [0, 1) and calibration in (0, 1)")
 
@@ -102,12 +105,18 @@ def cell_cover(marked: Image.Image, base: Image.Image, grid: tuple[int, int]) ->
     return np.asarray(mask.resize(grid, Image.BOX), dtype=np.float32) / 255
 
 
-def training_example(base: Image.Image, rng: np.random.Generator, size: int,
+def training_example(base: Image.Image, rng: np.random.Generator, size: int, scene_text: float = 0.0,
                      ) -> tuple[np.ndarray, np.ndarray, int]:
-    """A fresh served-like example (half watermarked), squashed to ``size``: (HWC uint8, cell cover, label)."""
-    from mining.synth import add_watermark, augment_like_reddit
+    """A fresh served-like example (half watermarked), squashed to ``size``: (HWC uint8, cell cover, label).
+
+    With probability ``scene_text`` the photo first gets text that belongs to the scene (a clean
+    feature, so the cell target stays the mark's alone): text by itself is then no cue.
+    """
+    from mining.synth import add_scene_text, add_watermark, augment_like_reddit
 
     grid = size // CELL
+    if scene_text and rng.random() < scene_text:
+        base, _ = add_scene_text(base, rng)
     positive = bool(rng.random() < 0.5)
     if positive:
         img, _ = add_watermark(base, rng)
@@ -131,7 +140,7 @@ def batches(bases: Sequence[Image.Image], config: FinetuneConfig) -> Iterator[tu
         rng = np.random.default_rng([config.seed, 1])
         try:
             while not stop.is_set():
-                items = [training_example(bases[int(rng.integers(len(bases)))], rng, config.size)
+                items = [training_example(bases[int(rng.integers(len(bases)))], rng, config.size, config.scene_text)
                          for _ in range(config.batch)]
                 xs, covers, ys = zip(*items, strict=True)
                 out.put((np.stack(xs), np.stack(covers), np.asarray(ys, np.float32)))

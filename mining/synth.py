@@ -349,3 +349,123 @@ def make_example(img: Image.Image, rng: np.random.Generator, positive: bool, kin
     img, aug = augment_like_reddit(img, rng)
     meta.update(aug)
     return img, meta
+
+
+# ------------------------------------------------------------------ text that belongs to the scene
+SURFACES = ("sign", "page", "board", "label")
+_SCENE_WORDS = ("OPEN", "Cafe", "Menu", "EXIT", "Street", "Trail", "Parking", "Coffee", "Tea", "Beer", "Welcome",
+                "Park", "North", "km", "Hotel", "Station", "Road", "Lake", "Bar", "Soup", "Daily", "Special", "Pizza",
+                "Summit", "Harbour", "Ferry", "Museum", "Chapter", "the", "and", "of", "to", "Market", "Bakery")
+_SIGN_COLOURS = (((0, 102, 51), (255, 255, 255)), ((250, 250, 245), (20, 20, 20)), ((110, 70, 35), (245, 235, 200)),
+                 ((250, 205, 0), (15, 15, 15)), ((180, 20, 25), (255, 255, 255)), ((20, 50, 130), (255, 255, 255)))
+
+
+def _perspective_coeffs(dst: np.ndarray, w: int, h: int) -> list[float]:
+    """Coefficients for ``Image.transform(PERSPECTIVE)`` mapping the quad ``dst`` back onto a w x h rectangle."""
+    src = np.array([(0, 0), (w, 0), (w, h), (0, h)], dtype=np.float64)
+    rows = []
+    for (x, y), (u, v) in zip(dst, src, strict=True):
+        rows.append([x, y, 1, 0, 0, 0, -u * x, -u * y])
+        rows.append([0, 0, 0, x, y, 1, -v * x, -v * y])
+    return [float(c) for c in np.linalg.solve(np.asarray(rows), src.reshape(-1))]
+
+
+def _surface(kind: str, short: int, rng: np.random.Generator) -> Image.Image:
+    """An opaque object with printed or written text on it: a sign, a page, a chalk/menu board, a label."""
+    if kind == "page":
+        w = int(short * rng.uniform(0.3, 0.8))
+        h = int(w * rng.uniform(1.2, 1.5))
+        v = int(rng.integers(215, 250))
+        back, ink = (v, v - int(rng.integers(0, 12)), v - int(rng.integers(0, 25))), _colour_dark(rng)
+        lines = int(rng.integers(8, 26))
+    elif kind == "board":
+        w = int(short * rng.uniform(0.25, 0.6))
+        h = int(w * rng.uniform(1.0, 1.5))
+        v = int(rng.integers(15, 60))
+        back, ink = (v, v + int(rng.integers(0, 20)), v), (235, 235, 225)
+        lines = int(rng.integers(4, 12))
+    elif kind == "sign":
+        w = int(short * rng.uniform(0.2, 0.55))
+        h = int(w * rng.uniform(0.3, 0.8))
+        back, ink = _SIGN_COLOURS[int(rng.integers(len(_SIGN_COLOURS)))]
+        lines = int(rng.integers(1, 4))
+    else:  # label: a small plate, sticker or shop sign
+        w = int(short * rng.uniform(0.08, 0.25))
+        h = int(w * rng.uniform(0.3, 0.7))
+        back, ink = _SIGN_COLOURS[int(rng.integers(len(_SIGN_COLOURS)))]
+        lines = int(rng.integers(1, 3))
+    w, h = max(24, w), max(16, h)
+    surface = Image.new("RGBA", (w, h), (*back, 255))
+    draw = ImageDraw.Draw(surface)
+    if kind in ("sign", "label") and rng.random() < 0.6:  # a border, as signs have
+        line = max(1, w // 60)
+        draw.rectangle((line * 2, line * 2, w - 1 - line * 2, h - 1 - line * 2), outline=(*ink, 255), width=line)
+    margin = int(w * 0.08)
+    line_h = (h - 2 * margin) / lines
+    font_px = max(6, int(line_h * rng.uniform(0.5, 0.8)))
+    font, _ = _pick_font(rng, font_px)
+    for i in range(lines):
+        y = margin + i * line_h
+        if kind in ("page", "board") and rng.random() < 0.25:  # handwriting on the same surface
+            layer = _signature_layer(int(line_h), ink, rng)
+        else:
+            words = [_name(rng) if rng.random() < 0.4 else str(rng.choice(_SCENE_WORDS))
+                     for _ in range(int(rng.integers(1, 7)))]
+            text = " ".join(words)
+            if kind == "board" and rng.random() < 0.5:
+                text += f"  {rng.integers(2, 30)}.{rng.integers(0, 10)}0"
+            layer = _text_layer(text, font, ink, rng, outline=False)
+        if layer.width > w - 2 * margin:
+            layer = layer.crop((0, 0, w - 2 * margin, layer.height))
+        x = margin if kind != "sign" else max(margin, (w - layer.width) // 2)
+        surface.alpha_composite(layer, (int(x), int(y)))
+    return surface
+
+
+def _colour_dark(rng: np.random.Generator) -> tuple[int, int, int]:
+    v = int(rng.integers(10, 70))
+    return (v, v, v + int(rng.integers(0, 60)))
+
+
+def add_scene_text(img: Image.Image, rng: np.random.Generator, kind: str | None = None,
+                   ) -> tuple[Image.Image, dict[str, Any]]:
+    """Return (RGB copy of ``img`` with text that is part of the scene, metadata): still a clean photo.
+
+    Real photos hold signs, menus, book pages and labels, and a detector trained only on clean
+    photos without text learns "text means watermark" (the held-out errors of the fine-tuned CNN
+    were exactly such photos). Scene text differs from a mark in how it was made: it sits on an
+    opaque object with edges, seen in perspective, lit unevenly and as sharp as the rest of the
+    photo, never blended over it. Those are what this draws.
+    """
+    kind = kind or str(rng.choice(SURFACES))
+    if kind not in SURFACES:
+        raise ValueError(f"unknown scene-text surface {kind!r}; one of {SURFACES}")
+    from PIL import ImageFilter
+
+    base = img.convert("RGB")
+    W, H = base.size
+    surface = _surface(kind, min(W, H), rng)
+    w, h = surface.size
+    # Seen in perspective: each corner moves by up to a fifth of the surface, then a turn.
+    jitter = rng.uniform(-0.2, 0.2, (4, 2)) * np.array([w, h])
+    quad = np.array([(0, 0), (w, 0), (w, h), (0, h)], dtype=np.float64) + jitter
+    angle = math.radians(float(rng.uniform(-15, 15)))
+    rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    quad = quad @ rot.T
+    quad -= quad.min(axis=0)
+    bw, bh = math.ceil(quad[:, 0].max()) + 1, math.ceil(quad[:, 1].max()) + 1
+    warped = surface.transform((bw, bh), Image.PERSPECTIVE, _perspective_coeffs(quad, w, h), Image.BICUBIC)
+    # Uneven light across the object, and the photo's own softness.
+    gx = np.linspace(rng.uniform(0.55, 1.1), rng.uniform(0.55, 1.1), bw)[None, :]
+    gy = np.linspace(rng.uniform(0.8, 1.05), rng.uniform(0.8, 1.05), bh)[:, None]
+    rgb = np.asarray(warped.convert("RGB"), dtype=np.float32) * (gx * gy)[..., None]
+    rgb += rng.normal(0, rng.uniform(1, 6), rgb.shape)
+    lit = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
+    lit.putalpha(warped.getchannel("A"))
+    lit = lit.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 1.4))))
+    x = int(rng.integers(-bw // 5, max(1, W - bw * 4 // 5)))
+    y = int(rng.integers(-bh // 5, max(1, H - bh * 4 // 5)))
+    piece, dest = _clip_paste(lit, x, y, W, H)
+    out = base.convert("RGBA")
+    out.alpha_composite(piece, dest)
+    return out.convert("RGB"), {"scene_text": kind, "bbox": (x, y, x + bw, y + bh)}

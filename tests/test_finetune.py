@@ -13,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from fake_photos import fake_photo, fake_photo_dir
+from PIL import Image
 
 from mining.finetune import (
     CELL,
@@ -95,6 +96,21 @@ def test_training_example_cover_marks_watermarked_cells_only() -> None:
     assert seen == {0, 1}
 
 
+def test_scene_text_examples_keep_a_cover_of_the_mark_alone() -> None:
+    """Scene text is a clean feature: a clean example with a sign has no ink cells; a marked one has."""
+    rng = np.random.default_rng(5)
+    base = fake_photo(rng, 800, 600)
+    plain = np.asarray(base.resize((256, 256), Image.BILINEAR), dtype=np.int16)
+    seen = set()
+    for _ in range(12):
+        x, cover, label = training_example(base, rng, 256, scene_text=1.0)
+        assert (cover.max() > 0) == bool(label)
+        if not label:  # the sign is there all the same (mirrored or not)
+            assert min(np.abs(x.astype(np.int16) - plain).max(), np.abs(x[:, ::-1] - plain).max()) > 60
+        seen.add(label)
+    assert seen == {0, 1}
+
+
 def test_config_rejects_nonsense() -> None:
     with pytest.raises(ValueError, match="multiple of 32"):
         FinetuneConfig(size=500)
@@ -102,6 +118,8 @@ def test_config_rejects_nonsense() -> None:
         FinetuneConfig(steps=0)
     with pytest.raises(ValueError, match="calibration"):
         FinetuneConfig(calibration=0)
+    with pytest.raises(ValueError, match="scene_text"):
+        FinetuneConfig(scene_text=1.5)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch") is not None, reason="torch is installed here")

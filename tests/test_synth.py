@@ -106,3 +106,25 @@ def test_clean_examples_are_only_recompressed(photo: Image.Image) -> None:
 def test_unknown_kind_is_refused(photo: Image.Image) -> None:
     with pytest.raises(ValueError, match="kind"):
         synth.add_watermark(photo, np.random.default_rng(0), kind="hologram")
+
+
+@pytest.mark.parametrize("surface", synth.SURFACES)
+def test_scene_text_is_an_opaque_object_inside_its_box(photo: Image.Image, surface: str) -> None:
+    out, meta = synth.add_scene_text(photo, np.random.default_rng(4), kind=surface)
+    again, meta_again = synth.add_scene_text(photo, np.random.default_rng(4), kind=surface)
+    assert meta == meta_again and np.array_equal(np.asarray(out), np.asarray(again))
+    assert out.size == photo.size and out.mode == "RGB" and meta["scene_text"] == surface
+    changed = _diff(out, photo) > 2
+    x0, y0, x1, y1 = meta["bbox"]
+    inside = changed[max(0, y0):y1, max(0, x0):x1]
+    assert inside.sum() >= 0.99 * changed.sum(), "paint outside the reported bounding box"
+    # Most of the object replaces the photo (a surface, not a translucent mark over it).
+    assert inside.mean() > 0.3
+
+
+def test_scene_text_kinds_vary_and_unknown_surfaces_are_refused(photo: Image.Image) -> None:
+    rng = np.random.default_rng(0)
+    kinds = Counter(synth.add_scene_text(photo, rng)[1]["scene_text"] for _ in range(16))
+    assert set(kinds) == set(synth.SURFACES)
+    with pytest.raises(ValueError, match="surface"):
+        synth.add_scene_text(photo, rng, kind="billboard")

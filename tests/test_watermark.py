@@ -81,13 +81,21 @@ def test_onnx_classifier_follows_the_original_preprocessing(tiny_classifier: Pat
     out = det.predict_paths([tmp_path / "w.png", tmp_path / "broken.jpg", tmp_path / "missing.jpg"])
     assert out[0] == pytest.approx(probs[0], abs=1e-6)
     assert np.isnan(out[1]) and np.isnan(out[2])
-    # Decoding runs a batch ahead on a worker thread: order and failures survive any batching.
+    # One core: decoding runs a batch ahead on a worker thread. Several: one lane per core, each
+    # on its own session. Order and failures survive any batching and any number of lanes.
     black.save(tmp_path / "b.png")
     files = [tmp_path / n for n in ("w.png", "broken.jpg", "b.png", "missing.jpg", "b.png")]
-    for batch in (1, 2, 16):
-        again = det.predict_paths(files, batch=batch)
-        assert np.isnan(again[[1, 3]]).all()
-        assert again[[0, 2, 4]] == pytest.approx([probs[0], probs[1], probs[1]], abs=1e-6)
+    for threads in (1, 3):
+        laned = OnnxClassifierDetector(tiny_classifier, threshold=0.6, threads=threads)
+        for batch in (1, 2, 16):
+            again = laned.predict_paths(files, batch=batch)
+            assert np.isnan(again[[1, 3]]).all()
+            assert again[[0, 2, 4]] == pytest.approx([probs[0], probs[1], probs[1]], abs=1e-6)
+        assert len(laned._lanes) == (0 if threads == 1 else 3)
+    # A model that cannot run is a run-level failure, raised rather than recorded per image.
+    wrong_size = OnnxClassifierDetector(tiny_classifier, input_size=256, threads=2)
+    with pytest.raises(Exception, match=r"(?i)dimension|shape"):
+        wrong_size.predict_paths(files)
 
 
 def test_load_detector_selects_a_configured_onnx_classifier(wm_settings: Settings, tiny_classifier: Path) -> None:

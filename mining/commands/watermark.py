@@ -41,6 +41,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("--init", type=Path, metavar="DIR",
                    help="start from this fine-tuned model's weights (e.g. models/watermark-cnn) instead of afresh")
     f.add_argument("--lr", type=float, default=FinetuneDefaults.lr, help="peak learning rate of the head")
+    f.add_argument("--size", type=int, default=FinetuneDefaults.size,
+                   help="input size it trains and serves at (multiple of 32; smaller is faster and sees less)")
+    f.add_argument("--scene-text", type=float, default=FinetuneDefaults.scene_text,
+                   help="share of examples given a sign, page or label that is part of the scene (a clean feature)")
     f.add_argument("--target-fpr", type=float, default=FinetuneDefaults.target_fpr)
     f.add_argument("--seed", type=int, default=0)
     f.set_defaults(func=_finetune)
@@ -80,7 +84,8 @@ def _finetune(args: argparse.Namespace) -> int:
     from mining.finetune import FinetuneConfig, TorchMissing, finetune
 
     config = FinetuneConfig(steps=args.steps, batch=args.batch, holdout=args.holdout, calibration=args.calibration,
-                            target_fpr=args.target_fpr, seed=args.seed, lr=args.lr)
+                            target_fpr=args.target_fpr, seed=args.seed, lr=args.lr,
+                            size=args.size, scene_text=args.scene_text)
 
     def progress(step: int, steps: int, loss: float) -> None:
         print(f"  step {step}/{steps} loss {loss:.3f}", file=sys.stderr, flush=True)
