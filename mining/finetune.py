@@ -64,7 +64,7 @@ class FinetuneConfig:
     calibration: float = 0.2  # share of the remaining photos kept out of training to set the threshold
     target_fpr: float = 0.03
     decode_long_side: int = 1600  # training photos are held in memory at this size
-    scene_text: float = 0.0  # share of examples (either label) given a sign, page or label that is part of the scene
+    scene_text: float = 0.3  # share of examples (either label) given a sign, page or label that is part of the scene
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch < 1:
