@@ -1,4 +1,4 @@
-"""Synthetic watermarks over clean photos: the training data of the watermark detector.
+"""Synthetic watermarks over clean photos, and clean scene text: the training data of the watermark detector.
 
 No labelled watermark set can be downloaded here, but the user's own clean photos are
 exactly their kind of image, so positives are made by stamping them the way creators and
