@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 KINDS = ("corner", "centre", "tiled", "logo")
 STRENGTHS = ("faint", "strong")
@@ -370,6 +370,11 @@ def _perspective_coeffs(dst: np.ndarray, w: int, h: int) -> list[float]:
     return [float(c) for c in np.linalg.solve(np.asarray(rows), src.reshape(-1))]
 
 
+def _colour_dark(rng: np.random.Generator) -> tuple[int, int, int]:
+    v = int(rng.integers(10, 70))
+    return (v, v, v + int(rng.integers(0, 60)))
+
+
 def _surface(kind: str, short: int, rng: np.random.Generator) -> Image.Image:
     """An opaque object with printed or written text on it: a sign, a page, a chalk/menu board, a label."""
     if kind == "page":
@@ -422,11 +427,6 @@ def _surface(kind: str, short: int, rng: np.random.Generator) -> Image.Image:
     return surface
 
 
-def _colour_dark(rng: np.random.Generator) -> tuple[int, int, int]:
-    v = int(rng.integers(10, 70))
-    return (v, v, v + int(rng.integers(0, 60)))
-
-
 def add_scene_text(img: Image.Image, rng: np.random.Generator, kind: str | None = None,
                    ) -> tuple[Image.Image, dict[str, Any]]:
     """Return (RGB copy of ``img`` with text that is part of the scene, metadata): still a clean photo.
@@ -440,8 +440,6 @@ def add_scene_text(img: Image.Image, rng: np.random.Generator, kind: str | None 
     kind = kind or str(rng.choice(SURFACES))
     if kind not in SURFACES:
         raise ValueError(f"unknown scene-text surface {kind!r}; one of {SURFACES}")
-    from PIL import ImageFilter
-
     base = img.convert("RGB")
     W, H = base.size
     surface = _surface(kind, min(W, H), rng)
