@@ -81,7 +81,8 @@ def main() -> int:
     files = [str(p) for p in list_images(args.photos)][: args.n]
     settings = load_settings()
     models_dir = settings.models_dir
-    if load_detector(settings) is None:
+    detector = load_detector(settings)
+    if detector is None:
         tmp = Path(tempfile.mkdtemp(prefix="bench-wm-"))
         small = tmp / "clean"
         small.mkdir()
@@ -89,7 +90,7 @@ def main() -> int:
             (small / Path(f).name).symlink_to(f)
         models_dir = tmp / "models"
         train(settings.replace(models_dir=models_dir, home=tmp), small, n_per_image=2, neg_per_image=1)
-    detector = load_detector(settings.replace(models_dir=models_dir))
+        detector = load_detector(settings.replace(models_dir=models_dir))
     extra = ("naive-512",) if getattr(detector, "input_size", ORIGINAL_SIZE) != ORIGINAL_SIZE else ()
     results = {}
     for mode in ("naive", *extra, "ours", "decode-naive", "decode-ours"):

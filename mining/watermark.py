@@ -81,11 +81,10 @@ class WatermarkDetector:
         def decode(chunk: range) -> tuple[list[Image.Image], list[int]]:
             images, where = [], []
             for i in chunk:
-                try:
-                    images.append(open_for_detection(paths[i], self.decode_size))
+                image = _open_or_warn(paths[i], self.decode_size)
+                if image is not None:
+                    images.append(image)
                     where.append(i)
-                except Exception as exc:  # per-item failure is data, not a crash
-                    log.warning("watermark: cannot read %s: %s", paths[i], exc)
             return images, where
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="wm-decode") as pool:
@@ -113,6 +112,15 @@ def open_for_detection(path: Path | str, min_long_side: int) -> Image.Image:
             bg.alpha_composite(im)
             im = bg
         return im.convert("RGB")
+
+
+def _open_or_warn(path: Path | str, min_long_side: int) -> Image.Image | None:
+    """:func:`open_for_detection`, with an unreadable file logged and given as None: per-item failure is data."""
+    try:
+        return open_for_detection(path, min_long_side)
+    except Exception as exc:
+        log.warning("watermark: cannot read %s: %s", path, exc)
+        return None
 
 
 def _session(path: Path, threads: int = 0) -> Any:
@@ -193,12 +201,9 @@ class OnnxClassifierDetector(WatermarkDetector):
                     i = next(order)
                 if i >= len(paths):
                     return
-                try:
-                    image = open_for_detection(paths[i], self.decode_size)
-                except Exception as exc:  # per-item failure is data, not a crash
-                    log.warning("watermark: cannot read %s: %s", paths[i], exc)
-                    continue
-                out[i] = self._run(session, [image])[0]
+                image = _open_or_warn(paths[i], self.decode_size)
+                if image is not None:
+                    out[i] = self._run(session, [image])[0]
 
         with ThreadPoolExecutor(max_workers=len(self._lanes), thread_name_prefix="wm-lane") as pool:
             for done in [pool.submit(lane, session) for session in self._lanes]:
