@@ -36,6 +36,7 @@ from PIL import Image
 
 from mining.effnet import INPUT, BlockLayers, ConvLayer, OnnxGraph, folded_body, read_checkpoint
 from mining.settings import Settings
+from mining.watermark import DEFAULT_MAX_FPR, DEFAULT_TARGET_FPR, FPR_CONFIDENCE
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,9 @@ class FinetuneConfig:
     seed: int = 0
     holdout: float = 0.0  # photos kept out of training and calibration, for `evaluate`
     calibration: float = 0.2  # share of the remaining photos kept out of training to set the threshold
-    target_fpr: float = 0.03
+    target_fpr: float = DEFAULT_TARGET_FPR  # aim for the calibration photos' own false-positive rate
+    max_fpr: float = DEFAULT_MAX_FPR  # the promise: ... and no more than this on photos like them,
+    fpr_confidence: float = FPR_CONFIDENCE  # in this share of photo resamples (watermark.bounded_threshold)
     decode_long_side: int = 1600  # training photos are held in memory at this size
     scene_text: float = 0.3  # share of examples (either label) given a sign, page or label that is part of the scene
 
@@ -73,6 +76,8 @@ class FinetuneConfig:
             raise ValueError(f"size must be a multiple of 32, got {self.size}")
         if not 0 <= self.scene_text <= 1:
             raise ValueError(f"scene_text is a share in [0, 1], got {self.scene_text}")
+        if not 0 <= self.target_fpr <= self.max_fpr < 1 or not 0 < self.fpr_confidence < 1:
+            raise ValueError("need 0 <= target_fpr <= max_fpr < 1 and fpr_confidence in (0, 1)")
         if not 0 <= self.holdout < 1 or not 0 < self.calibration < 1:
             raise ValueError("holdout must be in [0, 1) and calibration in (0, 1)")
 
@@ -366,6 +371,7 @@ def finetune(settings: Settings, clean_dir: Path, out: Path | None = None, confi
     from mining.watermark import (
         CnnDetector,
         auroc,
+        bounded_threshold,
         calibrate_threshold,
         cnn_dir,
         list_images,
@@ -424,7 +430,9 @@ def finetune(settings: Settings, clean_dir: Path, out: Path | None = None, confi
                             threads=settings.intra_op_threads)
         p, metas = predict_examples(probe, calib_files, 8, 8, config.seed + 2)
     y = np.asarray([m["label"] for m in metas])
-    threshold = calibrate_threshold(p[y == 0], config.target_fpr)
+    photo = np.asarray([m["photo_sha256"] for m in metas])
+    threshold = max(calibrate_threshold(p[y == 0], config.target_fpr),
+                    bounded_threshold(p[y == 0], photo[y == 0], config.max_fpr, config.fpr_confidence, seed=config.seed))
     metrics = {"calibration_auroc": auroc(y, p), "calibration_fpr": float((p[y == 0] >= threshold).mean()),
                "calibration_recall": float((p[y == 1] >= threshold).mean())}
     seen = sorted({digest(f) for f in [*train_files, *calib_files]} | init_seen)
@@ -436,6 +444,8 @@ def finetune(settings: Settings, clean_dir: Path, out: Path | None = None, confi
                          "photos": len(train_files),
                          "calibration_photos": len(calib_files), "losses": losses},
             "metrics": metrics, "train_photos_sha256": seen,
+            "calibration": {"scores": [round(float(v), 6) for v in p], "labels": y.tolist(),
+                            "photos_sha256": photo.tolist()},  # to audit or re-derive the threshold
             "calibration_photos_sha256": sorted(digest(f) for f in calib_files)}
     target = out or cnn_dir(settings)
     CnnDetector.save(target, data, meta)

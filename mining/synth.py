@@ -24,6 +24,12 @@ KINDS = ("corner", "centre", "tiled", "logo")
 STRENGTHS = ("faint", "strong")
 FAINT_OPACITY = (0.15, 0.35)
 STRONG_OPACITY = (0.5, 0.95)
+# Creators pick an ink that stands out from the photo under it. A mark drawn in nearly the photo's
+# own tone (dark grey over dark rocks) cannot be seen even at full opacity, so it is no watermark:
+# labelled positive it only teaches a detector to fire on texture. Below this mean per-pixel
+# luminance difference (0-255, before opacity) the ink is recoloured.
+MIN_CONTRAST = 48.0
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 _FONT_DIRS = (Path("/usr/share/fonts"), Path("/usr/local/share/fonts"), Path.home() / ".fonts")
 _SKIP_FONT_WORDS = ("icon", "math", "symbol", "emoji", "dingbat", "codicon", "awesome")
@@ -303,11 +309,49 @@ def add_watermark(img: Image.Image, rng: np.random.Generator, kind: str | None =
         overlay.alpha_composite(layer, (x, y))
         meta.update(mark=shape, font=None, text=None, position=where, bbox=(x, y, x + layer.width, y + layer.height))
 
+    meta.update(ensure_contrast(overlay, base, colour))
     alpha = overlay.getchannel("A").point(lambda a: int(a * opacity + 0.5))
     overlay.putalpha(alpha)
     out = base.convert("RGBA")
     out.alpha_composite(overlay)
     return out.convert("RGB"), meta
+
+
+def ink_contrast(overlay: Image.Image, base: Image.Image) -> float:
+    """Mean luminance difference between the ink and the photo right under it, weighted by coverage."""
+    box = overlay.getchannel("A").getbbox()
+    if box is None:
+        return 0.0
+    ink = np.asarray(overlay.crop(box), np.float32)
+    under = np.asarray(base.crop(box).convert("RGB"), np.float32)
+    weight = ink[..., 3]
+    diff = np.abs(ink[..., :3] @ _LUMA - under @ _LUMA)
+    return float((diff * weight).sum() / weight.sum())
+
+
+def ensure_contrast(overlay: Image.Image, base: Image.Image, colour: tuple[int, int, int]) -> dict[str, Any]:
+    """Recolour ``overlay`` (in place, alpha kept) when its ink would vanish into ``base``.
+
+    The inverse colours are tried first, which keeps an outline's relation to its fill; if the
+    photo under the mark is mid-grey, plain white or black, whichever is farther from it.
+    """
+    contrast = ink_contrast(overlay, base)
+    if contrast >= MIN_CONTRAST:
+        return {"contrast": round(contrast, 1)}
+    colour = (255 - colour[0], 255 - colour[1], 255 - colour[2])
+    alpha = overlay.getchannel("A")
+    inverted = overlay.convert("RGB").point(lambda v: 255 - v)
+    inverted.putalpha(alpha)
+    if ink_contrast(inverted, base) < MIN_CONTRAST:
+        box = alpha.getbbox()
+        under = float(np.asarray(base.crop(box).convert("L"), np.float32).mean()) if box else 0.0
+        value = 0 if under > 127 else 255
+        colour = (value, value, value)
+        inverted = Image.new("RGBA", overlay.size, (value, value, value, 0))
+        inverted.putalpha(alpha)
+    overlay.paste(inverted)
+    return {"contrast": round(ink_contrast(overlay, base), 1), "recoloured_from": round(contrast, 1),
+            "colour": colour}
 
 
 def _clip_paste(layer: Image.Image, x: int, y: int, W: int, H: int) -> tuple[Image.Image, tuple[int, int]]:

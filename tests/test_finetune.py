@@ -120,6 +120,8 @@ def test_config_rejects_nonsense() -> None:
         FinetuneConfig(calibration=0)
     with pytest.raises(ValueError, match="scene_text"):
         FinetuneConfig(scene_text=1.5)
+    with pytest.raises(ValueError, match="max_fpr"):
+        FinetuneConfig(target_fpr=0.08)  # an aim looser than the promise
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch") is not None, reason="torch is installed here")

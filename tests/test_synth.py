@@ -48,6 +48,43 @@ def test_each_kind_marks_the_image_inside_its_box(photo: Image.Image, kind: str,
     assert inside >= 0.95 * changed.sum(), "ink outside the reported bounding box"
 
 
+@pytest.mark.parametrize("kind", synth.KINDS)
+def test_a_mark_in_the_photos_own_tone_is_recoloured_until_it_shows(kind: str) -> None:
+    """Dark ink on a dark photo is no watermark; the synthesiser must not label it as one."""
+    dark = Image.new("RGB", (900, 600), (28, 30, 26))
+    light = Image.new("RGB", (900, 600), (235, 236, 230))
+    recoloured = 0
+    for seed in range(12):
+        for plain in (dark, light):
+            out, meta = synth.add_watermark(plain, np.random.default_rng(seed), kind=kind)
+            assert meta["contrast"] >= synth.MIN_CONTRAST, meta
+            ink = _diff(out, plain)
+            assert ink.max() >= synth.MIN_CONTRAST * meta["opacity"] * 0.8, "the mark must show at its opacity"
+            recoloured += "recoloured_from" in meta
+    assert recoloured, "some draws pick an ink like the photo's"
+
+
+def test_contrast_keeps_a_visible_mark_as_drawn(photo: Image.Image) -> None:
+    """Recolouring only touches marks that would vanish: others keep their colour, and the rng stream."""
+    overlay = Image.new("RGBA", photo.size, (0, 0, 0, 0))
+    overlay.paste((255, 255, 255, 255), (100, 100, 300, 140))
+    grey = Image.new("RGB", photo.size, (60, 60, 60))
+    before = np.asarray(overlay).copy()
+    assert synth.ensure_contrast(overlay, grey, (255, 255, 255)) == {"contrast": 195.0}
+    assert np.array_equal(np.asarray(overlay), before)
+    near = Image.new("RGB", photo.size, (250, 250, 250))  # white on white: inverted to black
+    meta = synth.ensure_contrast(overlay, near, (255, 255, 255))
+    assert meta["colour"] == (0, 0, 0) and meta["recoloured_from"] == 5.0 and meta["contrast"] == 250.0
+    assert np.asarray(overlay)[120, 200].tolist() == [0, 0, 0, 255]
+    mid = Image.new("RGB", photo.size, (120, 120, 120))  # mid-grey ink on mid-grey: neither it nor its inverse
+    overlay.paste((125, 125, 125, 255), (100, 100, 300, 140))
+    assert synth.ensure_contrast(overlay, mid, (125, 125, 125))["colour"] == (255, 255, 255)  # the farther
+    a = synth.add_watermark(photo, np.random.default_rng(4))[1]
+    b = synth.add_watermark(Image.new("RGB", photo.size, (0, 0, 0)), np.random.default_rng(4))[1]
+    assert {k: v for k, v in a.items() if k not in ("colour", "contrast", "recoloured_from")} == \
+        {k: v for k, v in b.items() if k not in ("colour", "contrast", "recoloured_from")}
+
+
 def test_faint_marks_change_pixels_less_than_strong(photo: Image.Image) -> None:
     faint, strong = [], []
     for seed in range(6):

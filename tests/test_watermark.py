@@ -19,6 +19,7 @@ from mining.watermark import (
     Head,
     OnnxClassifierDetector,
     TrainedDetector,
+    bounded_threshold,
     calibrate_threshold,
     evaluate,
     load_detector,
@@ -164,6 +165,28 @@ def test_a_single_clean_photo_with_text_does_not_switch_a_small_detector_off() -
     assert calibrate_threshold(clean[:11], 0.03) <= np.nextafter(clean[:11].max(), 1)  # never stricter
     two = np.concatenate([clean, [0.97]])  # nor looser than one clean example above
     assert (two >= calibrate_threshold(two, 0.03)).sum() == 1
+
+
+def test_bounded_threshold_keeps_the_promise_over_photos_not_examples() -> None:
+    """One calibration photo whose every copy scores high is 1 of 30 observations, not 8 of 240."""
+    rng = np.random.default_rng(3)
+    photos = np.repeat([f"photo{i}" for i in range(30)], 8)
+    clean = rng.uniform(0.0, 0.5, len(photos))
+    clean[photos == "photo3"] = rng.uniform(0.95, 0.97, 8)
+    aim = calibrate_threshold(clean, 0.05)  # 12 of 240 may lie above: the whole photo does
+    assert aim < 0.95
+    bound = bounded_threshold(clean, photos, max_fpr=0.05, confidence=0.8)
+    assert bound > 0.95, "a resample holding that photo twice breaks 5%: the bound must clear part of it"
+    assert 2 * (clean >= bound).sum() / len(clean) <= 0.05  # photo3 counted twice keeps the promise
+    assert bound <= np.nextafter(clean.max(), 1)  # and no stricter than every photo
+    assert bounded_threshold(clean, photos, max_fpr=0.05, confidence=0.5) < 0.95  # the median draw allows it
+    # Many photos each scoring a little: the bound sits near the plain quantile.
+    spread = rng.uniform(0, 1, len(photos))
+    assert abs(bounded_threshold(spread, photos, 0.05) - calibrate_threshold(spread, 0.05)) < 0.05
+    # A first gallery is too few photos to resample: no bound, the tail estimate governs.
+    assert bounded_threshold(clean[:80], photos[:80], 0.05) == 0.0
+    with pytest.raises(ValueError, match="photo names"):
+        bounded_threshold(clean, photos[:-1], 0.05)
 
 
 def test_split_files_is_deterministic_and_stratified(tmp_path: Path) -> None:

@@ -45,7 +45,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="input size it trains and serves at (multiple of 32; smaller is faster and sees less)")
     f.add_argument("--scene-text", type=float, default=FinetuneDefaults.scene_text,
                    help="share of examples given a sign, page or label that is part of the scene (a clean feature)")
-    f.add_argument("--target-fpr", type=float, default=FinetuneDefaults.target_fpr)
+    f.add_argument("--target-fpr", type=float, default=FinetuneDefaults.target_fpr,
+                   help="false-positive aim on the calibration photos")
+    f.add_argument("--max-fpr", type=float, default=FinetuneDefaults.max_fpr,
+                   help="false-positive rate the threshold must keep under on photos like them ...")
+    f.add_argument("--fpr-confidence", type=float, default=FinetuneDefaults.fpr_confidence,
+                   help="... in this share of photo resamples (a few dozen calibration photos are a noisy sample)")
     f.add_argument("--seed", type=int, default=0)
     f.set_defaults(func=_finetune)
 
@@ -84,7 +89,8 @@ def _finetune(args: argparse.Namespace) -> int:
     from mining.finetune import FinetuneConfig, TorchMissing, finetune
 
     config = FinetuneConfig(steps=args.steps, batch=args.batch, holdout=args.holdout, calibration=args.calibration,
-                            target_fpr=args.target_fpr, seed=args.seed, lr=args.lr,
+                            target_fpr=args.target_fpr, max_fpr=args.max_fpr,
+                            fpr_confidence=args.fpr_confidence, seed=args.seed, lr=args.lr,
                             size=args.size, scene_text=args.scene_text)
 
     def progress(step: int, steps: int, loss: float) -> None:
