@@ -1067,7 +1067,8 @@ class EvalReport:
         return "\n".join(lines)
 
 
-def bounded_threshold(clean_scores: np.ndarray, photos: Sequence[str], max_fpr: float, confidence: float = 0.9,
+def bounded_threshold(clean_scores: np.ndarray, photos: Sequence[str], max_fpr: float,
+                      confidence: float = FPR_CONFIDENCE,
                       draws: int = 400, seed: int = 0) -> float:
     """Lowest threshold whose false-positive rate stays <= ``max_fpr`` in ``confidence`` of photo resamples.
 
@@ -1086,9 +1087,9 @@ def bounded_threshold(clean_scores: np.ndarray, photos: Sequence[str], max_fpr: 
     if len(names) < BOUND_MIN_PHOTOS:
         return 0.0
     candidates = np.unique(np.append(np.nextafter(s, np.inf), 0.0))  # each clean score, just above
-    above = (s[None, :] >= candidates[:, None]).astype(np.float64)  # [threshold, example]
-    per_photo_fp = np.stack([above[:, group == g].sum(axis=1) for g in range(len(names))], axis=1)
-    per_photo_n = np.bincount(group).astype(np.float64)
+    per_photo_fp = np.stack([len(v) - np.searchsorted(v, candidates) for v in
+                             (np.sort(s[group == g]) for g in range(len(names)))], axis=1).astype(np.float64)
+    per_photo_n = np.bincount(group).astype(np.float64)  # per_photo_fp: [threshold, photo] clean copies >= it
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, len(names), size=(draws, len(names)))
     counts = np.stack([np.bincount(row, minlength=len(names)) for row in picks]).astype(np.float64)  # [draw, photo]
