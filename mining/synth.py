@@ -340,18 +340,19 @@ def ensure_contrast(overlay: Image.Image, base: Image.Image, colour: tuple[int, 
         return {"contrast": round(contrast, 1)}
     colour = (255 - colour[0], 255 - colour[1], 255 - colour[2])
     alpha = overlay.getchannel("A")
-    inverted = overlay.convert("RGB").point(lambda v: 255 - v)
-    inverted.putalpha(alpha)
-    if ink_contrast(inverted, base) < MIN_CONTRAST:
-        box = alpha.getbbox()
-        under = float(np.asarray(base.crop(box).convert("L"), np.float32).mean()) if box else 0.0
+    recoloured = overlay.convert("RGB").point(lambda v: 255 - v)
+    recoloured.putalpha(alpha)
+    now = ink_contrast(recoloured, base)
+    if now < MIN_CONTRAST:
+        box = alpha.getbbox()  # None (no ink at all) measures the whole photo
+        under = float(np.asarray(base.crop(box).convert("L"), np.float32).mean())
         value = 0 if under > 127 else 255
         colour = (value, value, value)
-        inverted = Image.new("RGBA", overlay.size, (value, value, value, 0))
-        inverted.putalpha(alpha)
-    overlay.paste(inverted)
-    return {"contrast": round(ink_contrast(overlay, base), 1), "recoloured_from": round(contrast, 1),
-            "colour": colour}
+        recoloured = Image.new("RGBA", overlay.size, (value, value, value, 0))
+        recoloured.putalpha(alpha)
+        now = ink_contrast(recoloured, base)
+    overlay.paste(recoloured)
+    return {"contrast": round(now, 1), "recoloured_from": round(contrast, 1), "colour": colour}
 
 
 def _clip_paste(layer: Image.Image, x: int, y: int, W: int, H: int) -> tuple[Image.Image, tuple[int, int]]:
