@@ -373,13 +373,12 @@ def finetune(settings: Settings, clean_dir: Path, out: Path | None = None, confi
     from mining.watermark import (
         CnnDetector,
         auroc,
-        bounded_threshold,
-        calibrate_threshold,
         cnn_dir,
         list_images,
         open_for_detection,
         predict_examples,
         split_files,
+        threshold_for,
     )
 
     config = config or FinetuneConfig()
@@ -433,8 +432,8 @@ def finetune(settings: Settings, clean_dir: Path, out: Path | None = None, confi
         p, metas = predict_examples(probe, calib_files, 8, 8, config.seed + 2)
     y = np.asarray([m["label"] for m in metas])
     photo = np.asarray([m["photo_sha256"] for m in metas])
-    threshold = max(calibrate_threshold(p[y == 0], config.target_fpr),
-                    bounded_threshold(p[y == 0], photo[y == 0], config.max_fpr, config.fpr_confidence, seed=config.seed))
+    threshold = threshold_for(p[y == 0], photo[y == 0], config.target_fpr, config.max_fpr, config.fpr_confidence,
+                              seed=config.seed)
     metrics = {"calibration_auroc": auroc(y, p), "calibration_fpr": float((p[y == 0] >= threshold).mean()),
                "calibration_recall": float((p[y == 1] >= threshold).mean())}
     seen = sorted({digest(f) for f in [*train_files, *calib_files]} | init_seen)

@@ -964,6 +964,14 @@ def calibrate_threshold(clean_scores: np.ndarray, target_fpr: float) -> float:
     return min(empirical, max(robust, one_above))
 
 
+def threshold_for(clean_scores: np.ndarray, photos: Sequence[str], target_fpr: float, max_fpr: float,
+                  confidence: float = FPR_CONFIDENCE, seed: int = 0) -> float:
+    """The shipped threshold: the ``target_fpr`` aim on these clean examples, raised where needed
+    so that ``max_fpr`` holds in ``confidence`` of photo resamples (:func:`bounded_threshold`)."""
+    return max(calibrate_threshold(clean_scores, target_fpr),
+               bounded_threshold(clean_scores, photos, max_fpr, confidence, seed=seed))
+
+
 def train(settings: Settings, clean_dir: Path, out: Path | None = None, n_per_image: int = 8,
           neg_per_image: int = 4, seed: int = 0, holdout: float = 0.0, target_fpr: float = DEFAULT_TARGET_FPR,
           max_fpr: float = DEFAULT_MAX_FPR,
@@ -998,8 +1006,7 @@ def train(settings: Settings, clean_dir: Path, out: Path | None = None, n_per_im
         oof = fit_head(x, y, seed=seed, hidden=hidden).proba(x)
     clean_ok = (y == 0) & ~np.isnan(oof)
     clean = oof[clean_ok]
-    threshold = max(calibrate_threshold(clean, target_fpr),
-                    bounded_threshold(clean, groups[clean_ok], max_fpr, FPR_CONFIDENCE, seed=seed))
+    threshold = threshold_for(clean, groups[clean_ok], target_fpr, max_fpr, seed=seed)
     ok = ~np.isnan(oof)
     cv_auroc = auroc(y[ok], oof[ok])
     cv_fpr = float((clean >= threshold).mean()) if len(clean) else float("nan")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from mining.finetune import FinetuneConfig as FinetuneDefaults
 from mining.settings import load_settings
+from mining.watermark import DEFAULT_MAX_FPR, DEFAULT_TARGET_FPR
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,8 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--clean-per-image", type=int, default=4, help="clean augmented copies per photo (default 4)")
     t.add_argument("--holdout", type=float, default=0.0,
                    help="fraction of photos (per folder) kept out of training for `evaluate` (default 0)")
-    t.add_argument("--target-fpr", type=float, default=None, help="false-positive rate the threshold aims at")
-    t.add_argument("--max-fpr", type=float, default=None,
+    t.add_argument("--target-fpr", type=float, default=DEFAULT_TARGET_FPR,
+                   help="false-positive rate the threshold aims at")
+    t.add_argument("--max-fpr", type=float, default=DEFAULT_MAX_FPR,
                    help="false-positive rate it must keep under in 80%% of photo resamples (from 20 photos up)")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=_train)
@@ -75,12 +77,11 @@ def _progress(done: int, total: int) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from mining.watermark import DEFAULT_MAX_FPR, DEFAULT_TARGET_FPR, train
+    from mining.watermark import train
 
     report = train(load_settings(), args.clean, out=args.out, n_per_image=args.per_image,
                    neg_per_image=args.clean_per_image, seed=args.seed, holdout=args.holdout,
-                   target_fpr=args.target_fpr if args.target_fpr is not None else DEFAULT_TARGET_FPR,
-                   max_fpr=args.max_fpr if args.max_fpr is not None else DEFAULT_MAX_FPR,
+                   target_fpr=args.target_fpr, max_fpr=args.max_fpr,
                    progress=_progress)
     summary = report.as_dict()
     summary["held_out_photos"] = len(report.held_out_photos)
