@@ -70,12 +70,15 @@ class FinetuneConfig:
     fpr_confidence: float = FPR_CONFIDENCE  # in this share of photo resamples (watermark.bounded_threshold)
     decode_long_side: int = 1600  # training photos are held in memory at this size
     scene_text: float = 0.3  # share of examples (either label) given a sign, page or label that is part of the scene
+    pool_top: int = 1  # the image's logit is the mean of its this many highest cells (1: the maximum)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch < 1:
             raise ValueError("steps and batch must be positive")
         if self.size % 32:
             raise ValueError(f"size must be a multiple of 32, got {self.size}")
+        if not 1 <= self.pool_top <= (self.size // CELL) ** 2:
+            raise ValueError(f"pool_top is a number of cells in [1, {(self.size // CELL) ** 2}], got {self.pool_top}")
         if not 0 <= self.scene_text <= 1:
             raise ValueError(f"scene_text is a share in [0, 1], got {self.scene_text}")
         if not 0 <= self.target_fpr <= self.max_fpr < 1 or not 0 < self.fpr_confidence < 1:
@@ -178,16 +181,27 @@ def head_layers(rng: np.random.Generator, in_ch: int = 112) -> tuple[ConvLayer, 
 
 
 def export_onnx(stem: ConvLayer, blocks: list[BlockLayers], head: Sequence[ConvLayer],
-                metadata: dict[str, str] | None = None) -> bytes:
-    """The cell network as ONNX: input [N,3,H,W] -> logit [N,1] (max over cells), cells [N,1,H/16,W/16]."""
-    from onnx import TensorProto, helper
+                metadata: dict[str, str] | None = None, pool_top: int = 1) -> bytes:
+    """The cell network as ONNX: input [N,3,H,W] -> logit [N,1], cells [N,1,H/16,W/16].
+
+    The logit is the mean of the ``pool_top`` highest cells (their maximum when 1): the same
+    pooling the network was trained with.
+    """
+    from onnx import TensorProto, helper, numpy_helper
 
     g = OnnxGraph()
     x = g.body(INPUT, stem, blocks)
     for layer in head:
         x = g.conv(x, layer)
     g.node("Identity", [x], CELLS)
-    g.node("ReduceMax", [CELLS], LOGIT, axes=[2, 3], keepdims=0)
+    if pool_top == 1:
+        g.node("ReduceMax", [CELLS], LOGIT, axes=[2, 3], keepdims=0)
+    else:
+        g.inits.append(numpy_helper.from_array(np.array([pool_top], np.int64), "pool_top"))
+        g.node("Flatten", [CELLS], "cells_flat", axis=1)
+        g.nodes.append(helper.make_node("TopK", ["cells_flat", "pool_top"], ["top_cells", "top_index"],
+                                        name="top_cells", axis=1))
+        g.node("ReduceMean", ["top_cells"], LOGIT, axes=[1], keepdims=1)
     outputs = [helper.make_tensor_value_info(LOGIT, TensorProto.FLOAT, ["batch", 1]),
                helper.make_tensor_value_info(CELLS, TensorProto.FLOAT, ["batch", 1, "rows", "cols"])]
     return g.model("watermark_cells", outputs, metadata).SerializeToString()
@@ -239,7 +253,17 @@ def _require_torch() -> Any:
     return torch
 
 
-def torch_model(stem: ConvLayer, blocks: list[BlockLayers], head: Sequence[ConvLayer]) -> Any:
+def pool_cells(cells: Any, top: int) -> Any:
+    """Torch [N,H,W] cell logits -> [N] image logits: the mean of the ``top`` highest (max when 1).
+
+    Why more than one: under the maximum a single cell decides, and a lone cell of texture or
+    grain fires as readily as a mark, which covers several; the mean of a few asks for more.
+    """
+    flat = cells.flatten(1)
+    return flat.amax(dim=1) if top == 1 else flat.topk(top, dim=1).values.mean(dim=1)
+
+
+def torch_model(stem: ConvLayer, blocks: list[BlockLayers], head: Sequence[ConvLayer], pool_top: int = 1) -> Any:
     """The same layers as trainable torch modules, with TF "SAME" padding like the ONNX graph."""
     torch = _require_torch()
     fn = torch.nn.functional
@@ -259,6 +283,7 @@ def torch_model(stem: ConvLayer, blocks: list[BlockLayers], head: Sequence[ConvL
             self.convs = torch.nn.ModuleList(module(layer) for layer in self.layers)
             self.blocks = blocks
             self.n_head = len(head)
+            self.pool_top = pool_top
 
         def run(self, layer: ConvLayer, conv: Any, x: Any) -> Any:
             k, s = layer.w.shape[2], layer.stride
@@ -287,8 +312,8 @@ def torch_model(stem: ConvLayer, blocks: list[BlockLayers], head: Sequence[ConvL
             return x[:, 0]
 
         def forward(self, x: Any) -> Any:
-            """One logit per image: the highest cell's, as the ONNX export computes it."""
-            return self.head_cells(self.blocks_range(self.stem(x), 0)).amax(dim=(1, 2))
+            """One logit per image, pooled from its cells as the ONNX export computes it."""
+            return pool_cells(self.head_cells(self.blocks_range(self.stem(x), 0)), self.pool_top)
 
         def trained_layers(self) -> tuple[ConvLayer, list[BlockLayers], list[ConvLayer]]:
             def array(t: Any) -> np.ndarray:  # C order whatever the tensor's memory format
@@ -341,7 +366,8 @@ def fit(model: Any, bases: Sequence[Image.Image], config: FinetuneConfig, device
         cells = model.head_cells(model.blocks_range(h, FROZEN))
         target = torch.from_numpy(np.clip(cover / config.cover_full, 0, 1)).to(device)
         loss = (fn.binary_cross_entropy_with_logits(cells, target, pos_weight=pos_weight)
-                + fn.binary_cross_entropy_with_logits(cells.amax(dim=(1, 2)), torch.from_numpy(y).to(device)))
+                + fn.binary_cross_entropy_with_logits(pool_cells(cells, config.pool_top),
+                                                      torch.from_numpy(y).to(device)))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -418,9 +444,9 @@ def finetune(settings: Settings, clean_dir: Path, out: Path | None = None, confi
     device = "cuda" if torch.cuda.is_available() else "cpu"
     stem, blocks = pretrained_body(settings)
     layers = (stem, blocks, head_layers(np.random.default_rng(config.seed)))
-    model = torch_model(*(warm_layers(init_model, *layers) if init_model else layers))
+    model = torch_model(*(warm_layers(init_model, *layers) if init_model else layers), pool_top=config.pool_top)
     losses = fit(model, bases, config, device, progress)
-    data = export_onnx(*model.trained_layers(), metadata={"cnn_version": CNN_VERSION})
+    data = export_onnx(*model.trained_layers(), metadata={"cnn_version": CNN_VERSION}, pool_top=config.pool_top)
     version = "wmcnn-" + hashlib.sha256(data).hexdigest()[:12]
 
     # Calibrate on photos the network never saw, through the runtime path itself.

@@ -62,6 +62,20 @@ def test_export_scores_each_cell_and_takes_the_highest(cell_model: bytes) -> Non
     assert cells.shape == (1, 1, 13, 21)
 
 
+def test_export_with_top_k_pooling_takes_the_mean_of_the_highest_cells() -> None:
+    from mining.settings import load_settings
+
+    stem, blocks = pretrained_body(load_settings(env={}))
+    head = head_layers(np.random.default_rng(0))
+    sess = ort.InferenceSession(export_onnx(stem, blocks, head, pool_top=4), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).integers(0, 256, (3, 128, 160, 3), dtype=np.uint8)
+    logit, cells = sess.run(None, {"input": to_input(x)})
+    top4 = np.sort(cells.reshape(3, -1), axis=1)[:, -4:].mean(axis=1)
+    assert logit.shape == (3, 1)
+    np.testing.assert_allclose(logit[:, 0], top4, rtol=1e-6)
+    assert not np.allclose(logit[:, 0], cells.reshape(3, -1).max(axis=1))  # not the maximum after all
+
+
 def test_body_is_the_embedders_first_blocks() -> None:
     from mining.settings import load_settings
 
@@ -120,6 +134,10 @@ def test_config_rejects_nonsense() -> None:
         FinetuneConfig(calibration=0)
     with pytest.raises(ValueError, match="scene_text"):
         FinetuneConfig(scene_text=1.5)
+    with pytest.raises(ValueError, match="pool_top"):
+        FinetuneConfig(pool_top=0)
+    with pytest.raises(ValueError, match="pool_top"):
+        FinetuneConfig(size=64, pool_top=17)  # a 4x4 grid has 16 cells
     with pytest.raises(ValueError, match="max_fpr"):
         FinetuneConfig(target_fpr=0.08)  # an aim looser than the promise
 

@@ -34,13 +34,14 @@ from mining.watermark import CnnDetector, cnn_dir, evaluate, list_images, load_d
 pytestmark = pytest.mark.torch
 
 
-def test_export_computes_what_torch_trained() -> None:
+@pytest.mark.parametrize("pool_top", [1, 4])
+def test_export_computes_what_torch_trained(pool_top: int) -> None:
     stem, blocks = pretrained_body(load_settings(env={}))
-    model = torch_model(stem, blocks, head_layers(np.random.default_rng(0)))
+    model = torch_model(stem, blocks, head_layers(np.random.default_rng(0)), pool_top=pool_top)
     rng = np.random.default_rng(1)
     bases = [fake_photo(rng, 400, 300) for _ in range(2)]
     before = [c.weight.detach().clone() for c in model.convs]
-    losses = fit(model, bases, FinetuneConfig(steps=2, batch=2, size=128, warmup=1))
+    losses = fit(model, bases, FinetuneConfig(steps=2, batch=2, size=128, warmup=1, pool_top=pool_top))
     assert len(losses) == 1 and np.isfinite(losses[0])
     changed = [not torch.equal(b, c.weight) for b, c in zip(before, model.convs, strict=True)]
     frozen = 1 + sum(len(b.convs) for b in blocks[:FROZEN])
@@ -48,7 +49,8 @@ def test_export_computes_what_torch_trained() -> None:
     x = rng.integers(0, 256, (3, 200, 330, 3), dtype=np.uint8)  # odd size: SAME padding on both sides
     with torch.no_grad():
         want = model(torch.from_numpy(to_input(x))).numpy()
-    sess = ort.InferenceSession(export_onnx(*model.trained_layers()), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(export_onnx(*model.trained_layers(), pool_top=pool_top),
+                                providers=["CPUExecutionProvider"])
     got = sess.run(None, {"input": to_input(x)})[0][:, 0]
     np.testing.assert_allclose(got, want, atol=1e-4)
 
