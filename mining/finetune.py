@@ -70,6 +70,7 @@ class FinetuneConfig:
     fpr_confidence: float = FPR_CONFIDENCE  # in this share of photo resamples (watermark.bounded_threshold)
     decode_long_side: int = 1600  # training photos are held in memory at this size
     scene_text: float = 0.3  # share of examples (either label) given a sign, page or label that is part of the scene
+    frozen: int = FROZEN  # blocks kept at their pretrained weights (the stem always is)
     pool_top: int = 1  # the image's logit is the mean of its this many highest cells (1: the maximum)
 
     def __post_init__(self) -> None:
@@ -77,6 +78,8 @@ class FinetuneConfig:
             raise ValueError("steps and batch must be positive")
         if self.size % 32:
             raise ValueError(f"size must be a multiple of 32, got {self.size}")
+        if not 0 <= self.frozen <= CUT:
+            raise ValueError(f"frozen is a number of blocks in [0, {CUT}], got {self.frozen}")
         if not 1 <= self.pool_top <= (self.size // CELL) ** 2:
             raise ValueError(f"pool_top is a number of cells in [1, {(self.size // CELL) ** 2}], got {self.pool_top}")
         if not 0 <= self.scene_text <= 1:
@@ -344,7 +347,7 @@ def fit(model: Any, bases: Sequence[Image.Image], config: FinetuneConfig, device
     torch.manual_seed(config.seed)
     # NHWC activations take oneDNN's faster CPU kernels: about 1.25x per step on 2 cores.
     model.to(device, memory_format=torch.channels_last)
-    frozen_convs = 1 + sum(len(b.convs) for b in model.blocks[:FROZEN])
+    frozen_convs = 1 + sum(len(b.convs) for b in model.blocks[:config.frozen])
     for conv in model.convs[:frozen_convs]:
         conv.requires_grad_(False)
     head = [p for c in model.convs[-model.n_head:] for p in c.parameters()]
@@ -362,8 +365,8 @@ def fit(model: Any, bases: Sequence[Image.Image], config: FinetuneConfig, device
             group["lr"] = base_lr * max(scale, 0.02)
         xb = torch.from_numpy(to_input(x)).to(device, memory_format=torch.channels_last)
         with torch.no_grad():  # the frozen layers need no graph
-            h = model.blocks_range(model.stem(xb), 0, FROZEN)
-        cells = model.head_cells(model.blocks_range(h, FROZEN))
+            h = model.blocks_range(model.stem(xb), 0, config.frozen)
+        cells = model.head_cells(model.blocks_range(h, config.frozen))
         target = torch.from_numpy(np.clip(cover / config.cover_full, 0, 1)).to(device)
         loss = (fn.binary_cross_entropy_with_logits(cells, target, pos_weight=pos_weight)
                 + fn.binary_cross_entropy_with_logits(pool_cells(cells, config.pool_top),

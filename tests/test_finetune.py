@@ -136,6 +136,8 @@ def test_config_rejects_nonsense() -> None:
         FinetuneConfig(scene_text=1.5)
     with pytest.raises(ValueError, match="pool_top"):
         FinetuneConfig(pool_top=0)
+    with pytest.raises(ValueError, match="frozen"):
+        FinetuneConfig(frozen=12)  # the body has 11 blocks
     with pytest.raises(ValueError, match="pool_top"):
         FinetuneConfig(size=64, pool_top=17)  # a 4x4 grid has 16 cells
     with pytest.raises(ValueError, match="max_fpr"):

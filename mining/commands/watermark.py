@@ -49,6 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="input size it trains and serves at (multiple of 32; smaller is faster and sees less)")
     f.add_argument("--scene-text", type=float, default=FinetuneDefaults.scene_text,
                    help="share of examples given a sign, page or label that is part of the scene (a clean feature)")
+    f.add_argument("--frozen", type=int, default=FinetuneDefaults.frozen, metavar="N",
+                   help="blocks kept at their pretrained weights (fewer: slower steps, more to fit)")
     f.add_argument("--pool-top", type=int, default=FinetuneDefaults.pool_top, metavar="K",
                    help="the image's logit is the mean of its K highest 16-px cells (1: the highest alone)")
     f.add_argument("--target-fpr", type=float, default=FinetuneDefaults.target_fpr,
@@ -97,7 +99,7 @@ def _finetune(args: argparse.Namespace) -> int:
     config = FinetuneConfig(steps=args.steps, batch=args.batch, holdout=args.holdout, calibration=args.calibration,
                             target_fpr=args.target_fpr, max_fpr=args.max_fpr,
                             fpr_confidence=args.fpr_confidence, seed=args.seed, lr=args.lr,
-                            size=args.size, scene_text=args.scene_text, pool_top=args.pool_top)
+                            size=args.size, scene_text=args.scene_text, pool_top=args.pool_top, frozen=args.frozen)
 
     def progress(step: int, steps: int, loss: float) -> None:
         print(f"  step {step}/{steps} loss {loss:.3f}", file=sys.stderr, flush=True)
