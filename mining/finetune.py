@@ -72,6 +72,7 @@ class FinetuneConfig:
     scene_text: float = 0.3  # share of examples (either label) given a sign, page or label that is part of the scene
     frozen: int = FROZEN  # blocks kept at their pretrained weights (the stem always is)
     pool_top: int = 1  # the image's logit is the mean of its this many highest cells (1: the maximum)
+    photo_aug: float = 0.0  # share of examples whose photo is first cropped and recoloured (vary_photo)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch < 1:
@@ -84,6 +85,8 @@ class FinetuneConfig:
             raise ValueError(f"pool_top is a number of cells in [1, {(self.size // CELL) ** 2}], got {self.pool_top}")
         if not 0 <= self.scene_text <= 1:
             raise ValueError(f"scene_text is a share in [0, 1], got {self.scene_text}")
+        if not 0 <= self.photo_aug <= 1:
+            raise ValueError(f"photo_aug is a share in [0, 1], got {self.photo_aug}")
         if not 0 <= self.target_fpr <= self.max_fpr < 1 or not 0 < self.fpr_confidence < 1:
             raise ValueError("need 0 <= target_fpr <= max_fpr < 1 and fpr_confidence in (0, 1)")
         if not 0 <= self.holdout < 1 or not 0 < self.calibration < 1:
@@ -118,16 +121,41 @@ def cell_cover(marked: Image.Image, base: Image.Image, grid: tuple[int, int]) ->
     return np.asarray(mask.resize(grid, Image.BOX), dtype=np.float32) / 255
 
 
+def vary_photo(base: Image.Image, rng: np.random.Generator, min_area: float = 0.3) -> Image.Image:
+    """Another view of a clean photo: a random crop (``min_area``..100% of it) with its colour shifted.
+
+    Why: a hundred-odd training photos, seen whole every time, let the network learn their
+    textures at one scale. A crop shows grass, leaves and grain at up to 1.8x the scale, and
+    shifted brightness, contrast and saturation, before the mark is drawn over it (so a corner
+    mark still sits in the crop's corner).
+    """
+    from PIL import ImageEnhance
+
+    W, H = base.size
+    area = rng.uniform(min_area, 1.0) * W * H
+    aspect = W / H * math.exp(rng.uniform(-0.25, 0.25))
+    w = min(W, max(16, round(math.sqrt(area * aspect))))
+    h = min(H, max(16, round(math.sqrt(area / aspect))))
+    x, y = int(rng.integers(0, W - w + 1)), int(rng.integers(0, H - h + 1))
+    img = base.crop((x, y, x + w, y + h))
+    for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+        img = enhance(img).enhance(float(rng.uniform(0.7, 1.3)))
+    return img
+
+
 def training_example(base: Image.Image, rng: np.random.Generator, size: int, scene_text: float = 0.0,
-                     ) -> tuple[np.ndarray, np.ndarray, int]:
+                     photo_aug: float = 0.0) -> tuple[np.ndarray, np.ndarray, int]:
     """A fresh served-like example (half watermarked), squashed to ``size``: (HWC uint8, cell cover, label).
 
-    With probability ``scene_text`` the photo first gets text that belongs to the scene (a clean
+    With probability ``photo_aug`` the photo is first cropped and recoloured (:func:`vary_photo`).
+    With probability ``scene_text`` it then gets text that belongs to the scene (a clean
     feature, so the cell target stays the mark's alone): text by itself is then no cue.
     """
     from mining.synth import add_scene_text, add_watermark, augment_like_reddit
 
     grid = size // CELL
+    if photo_aug and rng.random() < photo_aug:
+        base = vary_photo(base, rng)
     if scene_text and rng.random() < scene_text:
         base, _ = add_scene_text(base, rng)
     positive = bool(rng.random() < 0.5)
@@ -153,8 +181,8 @@ def batches(bases: Sequence[Image.Image], config: FinetuneConfig) -> Iterator[tu
         rng = np.random.default_rng([config.seed, 1])
         try:
             while not stop.is_set():
-                items = [training_example(bases[int(rng.integers(len(bases)))], rng, config.size, config.scene_text)
-                         for _ in range(config.batch)]
+                items = [training_example(bases[int(rng.integers(len(bases)))], rng, config.size, config.scene_text,
+                                          config.photo_aug) for _ in range(config.batch)]
                 xs, covers, ys = zip(*items, strict=True)
                 out.put((np.stack(xs), np.stack(covers), np.asarray(ys, np.float32)))
         except Exception as exc:  # surfaced to the trainer, which re-raises it

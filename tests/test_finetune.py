@@ -26,6 +26,7 @@ from mining.finetune import (
     pretrained_body,
     to_input,
     training_example,
+    vary_photo,
     warm_layers,
 )
 from mining.lake import sha256_file
@@ -125,6 +126,24 @@ def test_scene_text_examples_keep_a_cover_of_the_mark_alone() -> None:
     assert seen == {0, 1}
 
 
+def test_varied_photos_are_crops_of_the_photo_and_keep_the_mark_alone_in_the_cover() -> None:
+    rng = np.random.default_rng(7)
+    base = fake_photo(rng, 800, 600)
+    sizes = set()
+    for _ in range(20):
+        view = vary_photo(base, rng)
+        assert 16 <= view.width <= 800 and 16 <= view.height <= 600
+        assert view.width * view.height >= 0.3 * 800 * 600 * 0.99 or view.width == 800 or view.height == 600
+        sizes.add(view.size)
+    assert len(sizes) > 10, "every view is a different crop"
+    seen = set()
+    for _ in range(12):
+        x, cover, label = training_example(base, rng, 256, photo_aug=1.0)
+        assert x.shape == (256, 256, 3) and (cover.max() > 0) == bool(label)
+        seen.add(label)
+    assert seen == {0, 1}
+
+
 def test_config_rejects_nonsense() -> None:
     with pytest.raises(ValueError, match="multiple of 32"):
         FinetuneConfig(size=500)
@@ -136,6 +155,8 @@ def test_config_rejects_nonsense() -> None:
         FinetuneConfig(scene_text=1.5)
     with pytest.raises(ValueError, match="pool_top"):
         FinetuneConfig(pool_top=0)
+    with pytest.raises(ValueError, match="photo_aug"):
+        FinetuneConfig(photo_aug=-0.1)
     with pytest.raises(ValueError, match="frozen"):
         FinetuneConfig(frozen=12)  # the body has 11 blocks
     with pytest.raises(ValueError, match="pool_top"):

@@ -49,6 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="input size it trains and serves at (multiple of 32; smaller is faster and sees less)")
     f.add_argument("--scene-text", type=float, default=FinetuneDefaults.scene_text,
                    help="share of examples given a sign, page or label that is part of the scene (a clean feature)")
+    f.add_argument("--photo-aug", type=float, default=FinetuneDefaults.photo_aug, metavar="SHARE",
+                   help="share of examples whose photo is first randomly cropped and recoloured")
     f.add_argument("--frozen", type=int, default=FinetuneDefaults.frozen, metavar="N",
                    help="blocks kept at their pretrained weights (fewer: slower steps, more to fit)")
     f.add_argument("--pool-top", type=int, default=FinetuneDefaults.pool_top, metavar="K",
@@ -99,7 +101,8 @@ def _finetune(args: argparse.Namespace) -> int:
     config = FinetuneConfig(steps=args.steps, batch=args.batch, holdout=args.holdout, calibration=args.calibration,
                             target_fpr=args.target_fpr, max_fpr=args.max_fpr,
                             fpr_confidence=args.fpr_confidence, seed=args.seed, lr=args.lr,
-                            size=args.size, scene_text=args.scene_text, pool_top=args.pool_top, frozen=args.frozen)
+                            size=args.size, scene_text=args.scene_text, pool_top=args.pool_top, frozen=args.frozen,
+                            photo_aug=args.photo_aug)
 
     def progress(step: int, steps: int, loss: float) -> None:
         print(f"  step {step}/{steps} loss {loss:.3f}", file=sys.stderr, flush=True)
