@@ -38,7 +38,7 @@ from PIL import Image
 
 from mining.effnet import INPUT, BlockLayers, ConvLayer, OnnxGraph, folded_body, read_checkpoint
 from mining.settings import Settings
-from mining.watermark import DEFAULT_MAX_FPR, DEFAULT_TARGET_FPR, FPR_CONFIDENCE
+from mining.watermark import DEFAULT_MAX_FPR, DEFAULT_TARGET_FPR, FPR_CONFIDENCE, SYNTH_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -494,7 +494,8 @@ def finetune(settings: Settings, clean_dir: Path, out: Path | None = None, confi
     metrics = {"calibration_auroc": auroc(y, p), "calibration_fpr": float((p[y == 0] >= threshold).mean()),
                "calibration_recall": float((p[y == 1] >= threshold).mean())}
     seen = sorted({digest(f) for f in [*train_files, *calib_files]} | init_seen)
-    meta = {"name": CnnDetector.name, "version": version, "cnn_version": CNN_VERSION, "input_size": config.size,
+    meta = {"name": CnnDetector.name, "version": version, "cnn_version": CNN_VERSION, "synth_version": SYNTH_VERSION,
+            "input_size": config.size,
             "threshold": threshold, "target_fpr": config.target_fpr, "created_at": time.strftime(
                 "%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": asdict(config), "device": device,
             "training": {"clean_dir": str(clean_dir), "extra_clean": [str(d) for d in extra_clean],

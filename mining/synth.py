@@ -10,9 +10,9 @@ given ``numpy.random.Generator``: same rng state and same fonts, same image.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import math
-import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -31,8 +31,12 @@ STRONG_OPACITY = (0.5, 0.95)
 MIN_CONTRAST = 48.0
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
-_FONT_DIRS = (Path("/usr/share/fonts"), Path("/usr/local/share/fonts"), Path.home() / ".fonts")
-_SKIP_FONT_WORDS = ("icon", "math", "symbol", "emoji", "dingbat", "codicon", "awesome")
+# The fonts come from pinned PyPI wheels (SIL OFL / Apache), never from the machine: the examples
+# every detector trains and is measured on must be the same everywhere. System fonts made them
+# depend on whatever else was installed (a browser pulling in fonts-liberation changed the demo's
+# decisions and every held-out figure). Sans, serif, geometric, rounded, hand-drawn, pixel.
+FONT_PACKAGES = ("font_source_sans_pro", "font_source_serif_pro", "font_caladea", "font_hanken_grotesk",
+                 "font_fredoka_one", "font_amatic_sc", "font_intuitive")
 
 _SYLLABLES = ("ka", "ri", "mo", "lan", "ter", "vi", "so", "ne", "dar", "el", "an", "to", "mar", "lu", "ste",
               "ph", "ben", "ja", "min", "ro", "sa", "li", "ck", "ol", "ver", "ha", "nu", "gre", "the", "wil")
@@ -42,31 +46,42 @@ _TLDS = (".com", ".net", ".photo", ".art", ".co", ".io", ".de", ".fr")
 
 
 @lru_cache(maxsize=1)
-def font_files() -> tuple[str, ...]:
-    """TrueType/OpenType text fonts on this machine (system dirs, installed wheels); may be empty."""
-    found: set[str] = set()
-    roots = [*_FONT_DIRS]
-    for entry in sys.path:
-        if entry.endswith("site-packages"):
-            roots.extend(Path(entry).glob("*/fonts"))
-            roots.extend(Path(entry).glob("*/mpl-data/fonts"))
-    for root in roots:
-        if not root.is_dir():
+def font_families() -> tuple[tuple[str, ...], ...]:
+    """The synthesiser's fonts by family (one per package), one file per face, in a fixed order.
+
+    Raises when one of :data:`FONT_PACKAGES` is not installed: with part of the set the
+    examples would silently differ from everyone else's.
+    """
+    families: list[tuple[str, ...]] = []
+    missing = []
+    for package in FONT_PACKAGES:
+        spec = importlib.util.find_spec(package)  # locates the wheel without importing it
+        if spec is None or not spec.submodule_search_locations:
+            missing.append(package)
             continue
-        for pattern in ("**/*.ttf", "**/*.otf", "**/*.TTF"):
-            for path in root.glob(pattern):
-                if not any(w in path.name.lower() for w in _SKIP_FONT_WORDS):
-                    found.add(str(path))
-    return tuple(sorted(found))
+        faces: dict[str, Path] = {}
+        for path in sorted(Path(next(iter(spec.submodule_search_locations)), "files").iterdir()):
+            if path.suffix.lower() in (".ttf", ".otf"):  # a face shipped as both: keep the TrueType file
+                if path.stem not in faces or path.suffix.lower() == ".ttf":
+                    faces[path.stem] = path
+        families.append(tuple(str(faces[name]) for name in sorted(faces)))
+    if missing:
+        raise RuntimeError(f"the watermark synthesiser's font packages are missing: {', '.join(missing)} "
+                           "(reinstall mining: pip install -c constraints.txt -e .)")
+    return tuple(families)
+
+
+def font_files() -> tuple[str, ...]:
+    """Every face of :func:`font_families`, in order."""
+    return tuple(face for family in font_families() for face in family)
 
 
 @lru_cache(maxsize=512)
-def _font(index: int, size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    """Font ``index`` into [Pillow's built-in, *font_files()]; never fails (falls back to built-in)."""
-    files = font_files()
-    if index > 0 and index - 1 < len(files):
+def _font(path: str | None, size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """The face at ``path`` (None: Pillow's built-in); never fails (falls back to the built-in)."""
+    if path is not None:
         try:
-            return ImageFont.truetype(files[index - 1], size)
+            return ImageFont.truetype(path, size)
         except OSError:
             pass
     try:
@@ -76,10 +91,14 @@ def _font(index: int, size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont
 
 
 def _pick_font(rng: np.random.Generator, size: int) -> tuple[Any, str]:
-    n = 1 + len(font_files())
-    index = int(rng.integers(n))
-    name = "builtin" if index == 0 else Path(font_files()[index - 1]).stem
-    return _font(index, max(6, int(size))), name
+    """A family (or Pillow's built-in) at random, then one of its faces: styles weigh alike."""
+    families = font_families()
+    index = int(rng.integers(1 + len(families)))
+    if index == 0 or not families[index - 1]:
+        return _font(None, max(6, int(size))), "builtin"
+    family = families[index - 1]
+    path = family[int(rng.integers(len(family)))]
+    return _font(path, max(6, int(size))), Path(path).stem
 
 
 def _name(rng: np.random.Generator) -> str:

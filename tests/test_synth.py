@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,15 +109,37 @@ def test_draws_vary_kinds_fonts_positions_and_texts(photo: Image.Image) -> None:
     assert len(fonts) >= min(5, 1 + len(synth.font_files()))
 
 
-def test_missing_system_fonts_fall_back_to_pillows_builtin(photo: Image.Image,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(synth, "font_files", lambda: ())
+def test_fonts_are_the_pinned_wheels_never_the_machines() -> None:
+    """The same faces on every machine: installing a browser must not change the examples."""
+    families = synth.font_families()
+    assert len(families) == len(synth.FONT_PACKAGES) and all(families)
+    for package, family in zip(synth.FONT_PACKAGES, families, strict=True):
+        assert all(f"/{package}/files/" in face for face in family)
+        assert len({Path(face).stem for face in family}) == len(family), "one file per face"
+    assert not any(face.startswith("/usr/share/fonts") for face in synth.font_files())
+
+
+def test_a_missing_font_package_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(synth, "FONT_PACKAGES", (*synth.FONT_PACKAGES, "font_not_installed_anywhere"))
+    synth.font_families.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="font_not_installed_anywhere"):
+            synth.font_families()
+    finally:
+        synth.font_families.cache_clear()
+
+
+def test_an_unreadable_face_falls_back_to_pillows_builtin(photo: Image.Image, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = tmp_path / "Broken.ttf"
+    broken.write_bytes(b"not a font")
+    monkeypatch.setattr(synth, "font_families", lambda: ((str(broken),),))
     synth._font.cache_clear()
     try:
         out, meta = synth.add_watermark(photo, np.random.default_rng(5), kind="corner", strength="strong")
     finally:
         synth._font.cache_clear()
-    assert meta.get("font") in ("builtin", None)
+    assert meta.get("font") in ("builtin", "Broken", None)
     assert (_diff(out, photo) > 2).sum() > 30
 
 
