@@ -5,7 +5,7 @@ exactly their kind of image, so positives are made by stamping them the way crea
 stock sites do (text, signatures, logos, tiled patterns; faint and strong), then every
 example (clean ones too) is resized and recompressed the way Reddit serves images, so a
 detector learns the mark rather than the JPEG artefacts. Everything is drawn from the
-given ``numpy.random.Generator``: same rng state and same fonts, same image.
+given ``numpy.random.Generator`` and fonts from pinned wheels: same rng state, same image, on any machine.
 """
 
 from __future__ import annotations
