@@ -1,7 +1,9 @@
-"""Synthetic watermarks: deterministic given the rng, varied across draws, robust to missing fonts."""
+"""Synthetic watermarks: deterministic given the rng, varied across draws, drawn in pinned fonts."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -188,3 +190,29 @@ def test_scene_text_kinds_vary_and_unknown_surfaces_are_refused(photo: Image.Ima
     assert set(kinds) == set(synth.SURFACES)
     with pytest.raises(ValueError, match="surface"):
         synth.add_scene_text(photo, rng, kind="billboard")
+
+
+# The draws of a fixed seed, per synthesiser version. Every held-out figure is measured on
+# these examples: a change that alters them must bump watermark.SYNTH_VERSION (and add its line).
+DRAWS_SHA256 = {
+    "synth-v3": "10c9ae663163fecdddc452c40fe40c6a188592d93c674dd060959a551f35da5b",
+}
+
+
+def _draws_digest(photo: Image.Image) -> str:
+    rng = np.random.default_rng(2026)
+    keep = ("kind", "strength", "mark", "font", "text", "position", "tiles")
+    metas = []
+    for _ in range(24):
+        _, meta = synth.add_watermark(photo, rng)
+        metas.append({k: meta.get(k) for k in keep} | {"opacity": round(float(meta.get("opacity", 0)), 3)})
+    return hashlib.sha256(json.dumps(metas, sort_keys=True).encode()).hexdigest()
+
+
+def test_the_draws_are_pinned_to_the_synth_version(photo: Image.Image) -> None:
+    from mining.watermark import SYNTH_VERSION
+
+    assert SYNTH_VERSION in DRAWS_SHA256, "a new synthesiser version needs its line in DRAWS_SHA256"
+    assert _draws_digest(photo) == DRAWS_SHA256[SYNTH_VERSION], (
+        "the synthesiser draws other marks than this version did: bump SYNTH_VERSION (figures "
+        "measured on the old examples no longer compare)")
