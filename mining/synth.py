@@ -64,16 +64,14 @@ def font_families() -> tuple[tuple[str, ...], ...]:
             if path.suffix.lower() in (".ttf", ".otf"):  # a face shipped as both: keep the TrueType file
                 if path.stem not in faces or path.suffix.lower() == ".ttf":
                     faces[path.stem] = path
+        if not faces:  # a broken install: no faces is as good as missing
+            missing.append(package)
+            continue
         families.append(tuple(str(faces[name]) for name in sorted(faces)))
     if missing:
         raise RuntimeError(f"the watermark synthesiser's font packages are missing: {', '.join(missing)} "
                            "(reinstall mining: pip install -c constraints.txt -e .)")
     return tuple(families)
-
-
-def font_files() -> tuple[str, ...]:
-    """Every face of :func:`font_families`, in order."""
-    return tuple(face for family in font_families() for face in family)
 
 
 @lru_cache(maxsize=512)
@@ -94,7 +92,7 @@ def _pick_font(rng: np.random.Generator, size: int) -> tuple[Any, str]:
     """A family (or Pillow's built-in) at random, then one of its faces: styles weigh alike."""
     families = font_families()
     index = int(rng.integers(1 + len(families)))
-    if index == 0 or not families[index - 1]:
+    if index == 0:
         return _font(None, max(6, int(size))), "builtin"
     family = families[index - 1]
     path = family[int(rng.integers(len(family)))]
