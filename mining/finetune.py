@@ -73,6 +73,7 @@ class FinetuneConfig:
     frozen: int = FROZEN  # blocks kept at their pretrained weights (the stem always is)
     pool_top: int = 1  # the image's logit is the mean of its this many highest cells (1: the maximum)
     photo_aug: float = 0.0  # share of examples whose photo is first cropped and recoloured (vary_photo)
+    rank_weight: float = 0.0  # weight of the pairwise ranking loss on image logits (rank_loss)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch < 1:
@@ -87,6 +88,8 @@ class FinetuneConfig:
             raise ValueError(f"scene_text is a share in [0, 1], got {self.scene_text}")
         if not 0 <= self.photo_aug <= 1:
             raise ValueError(f"photo_aug is a share in [0, 1], got {self.photo_aug}")
+        if not 0 <= self.rank_weight:
+            raise ValueError(f"rank_weight must be >= 0, got {self.rank_weight}")
         if not 0 <= self.target_fpr <= self.max_fpr < 1 or not 0 < self.fpr_confidence < 1:
             raise ValueError("need 0 <= target_fpr <= max_fpr < 1 and fpr_confidence in (0, 1)")
         if not 0 <= self.holdout < 1 or not 0 < self.calibration < 1:
@@ -294,6 +297,21 @@ def pool_cells(cells: Any, top: int) -> Any:
     return flat.amax(dim=1) if top == 1 else flat.topk(top, dim=1).values.mean(dim=1)
 
 
+def rank_loss(logits: Any, y: Any) -> Any:
+    """Mean logistic loss over the batch's (watermarked, clean) pairs: softplus(clean - marked).
+
+    Why: AUROC is the share of such pairs in order, and what it misses is pairs across photos
+    (a faint mark on one photo under fine grass on another). The per-image loss pushes each
+    score to its side alone; this one spends its gradient on the pairs still out of order.
+    A batch with one class alone gives 0 (with a graph, so backward still works).
+    """
+    torch = _require_torch()
+    pos, neg = logits[y > 0.5], logits[y <= 0.5]
+    if not len(pos) or not len(neg):
+        return logits.sum() * 0.0
+    return torch.nn.functional.softplus(neg[None, :] - pos[:, None]).mean()
+
+
 def torch_model(stem: ConvLayer, blocks: list[BlockLayers], head: Sequence[ConvLayer], pool_top: int = 1) -> Any:
     """The same layers as trainable torch modules, with TF "SAME" padding like the ONNX graph."""
     torch = _require_torch()
@@ -396,9 +414,11 @@ def fit(model: Any, bases: Sequence[Image.Image], config: FinetuneConfig, device
             h = model.blocks_range(model.stem(xb), 0, config.frozen)
         cells = model.head_cells(model.blocks_range(h, config.frozen))
         target = torch.from_numpy(np.clip(cover / config.cover_full, 0, 1)).to(device)
+        image, label = pool_cells(cells, config.pool_top), torch.from_numpy(y).to(device)
         loss = (fn.binary_cross_entropy_with_logits(cells, target, pos_weight=pos_weight)
-                + fn.binary_cross_entropy_with_logits(pool_cells(cells, config.pool_top),
-                                                      torch.from_numpy(y).to(device)))
+                + fn.binary_cross_entropy_with_logits(image, label))
+        if config.rank_weight:
+            loss = loss + config.rank_weight * rank_loss(image, label)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -157,6 +157,8 @@ def test_config_rejects_nonsense() -> None:
         FinetuneConfig(pool_top=0)
     with pytest.raises(ValueError, match="photo_aug"):
         FinetuneConfig(photo_aug=-0.1)
+    with pytest.raises(ValueError, match="rank_weight"):
+        FinetuneConfig(rank_weight=-1)
     with pytest.raises(ValueError, match="frozen"):
         FinetuneConfig(frozen=12)  # the body has 11 blocks
     with pytest.raises(ValueError, match="pool_top"):

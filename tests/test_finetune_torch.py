@@ -24,6 +24,7 @@ from mining.finetune import (  # noqa: E402
     fit,
     head_layers,
     pretrained_body,
+    rank_loss,
     to_input,
     torch_model,
 )
@@ -53,6 +54,31 @@ def test_export_computes_what_torch_trained(pool_top: int) -> None:
                                 providers=["CPUExecutionProvider"])
     got = sess.run(None, {"input": to_input(x)})[0][:, 0]
     np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_rank_loss_charges_the_pairs_out_of_order() -> None:
+    y = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    in_order = rank_loss(torch.tensor([5.0, 4.0, -4.0, -5.0]), y)
+    tied = rank_loss(torch.zeros(4), y)
+    reversed_ = rank_loss(torch.tensor([-5.0, -4.0, 4.0, 5.0]), y)
+    assert float(in_order) < 1e-3 and abs(float(tied) - np.log(2)) < 1e-6 and float(reversed_) > 8
+    # one misordered pair among four: only it is charged, so the gradient lands on its two images
+    logits = torch.tensor([5.0, -3.0, -4.0, -2.0], requires_grad=True)
+    rank_loss(logits, y).backward()
+    assert logits.grad is not None
+    assert abs(float(logits.grad[0])) < 0.01 and float(logits.grad[1]) < -0.1 and float(logits.grad[3]) > 0.1
+    one_class = torch.tensor([1.0, 2.0], requires_grad=True)
+    loss = rank_loss(one_class, torch.ones(2))
+    loss.backward()  # a batch of one label still trains the other losses
+    assert float(loss.detach()) == 0.0
+
+
+def test_fit_with_the_rank_loss_trains() -> None:
+    stem, blocks = pretrained_body(load_settings(env={}))
+    model = torch_model(stem, blocks, head_layers(np.random.default_rng(0)))
+    bases = [fake_photo(np.random.default_rng(2), 400, 300) for _ in range(2)]
+    losses = fit(model, bases, FinetuneConfig(steps=2, batch=4, size=128, warmup=1, rank_weight=1.0))
+    assert len(losses) == 1 and np.isfinite(losses[0])
 
 
 def test_finetune_installs_a_calibrated_cnn_that_evaluate_measures_on_unseen_photos(

@@ -51,6 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="share of examples given a sign, page or label that is part of the scene (a clean feature)")
     f.add_argument("--photo-aug", type=float, default=FinetuneDefaults.photo_aug, metavar="SHARE",
                    help="share of examples whose photo is first randomly cropped and recoloured")
+    f.add_argument("--rank-weight", type=float, default=FinetuneDefaults.rank_weight, metavar="W",
+                   help="weight of a pairwise ranking loss between watermarked and clean images (0: none)")
     f.add_argument("--frozen", type=int, default=FinetuneDefaults.frozen, metavar="N",
                    help="blocks kept at their pretrained weights (fewer: slower steps, more to fit)")
     f.add_argument("--pool-top", type=int, default=FinetuneDefaults.pool_top, metavar="K",
@@ -102,7 +104,7 @@ def _finetune(args: argparse.Namespace) -> int:
                             target_fpr=args.target_fpr, max_fpr=args.max_fpr,
                             fpr_confidence=args.fpr_confidence, seed=args.seed, lr=args.lr,
                             size=args.size, scene_text=args.scene_text, pool_top=args.pool_top, frozen=args.frozen,
-                            photo_aug=args.photo_aug)
+                            photo_aug=args.photo_aug, rank_weight=args.rank_weight)
 
     def progress(step: int, steps: int, loss: float) -> None:
         print(f"  step {step}/{steps} loss {loss:.3f}", file=sys.stderr, flush=True)
