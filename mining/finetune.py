@@ -72,7 +72,7 @@ class FinetuneConfig:
     scene_text: float = 0.3  # share of examples (either label) given a sign, page or label that is part of the scene
     frozen: int = FROZEN  # blocks kept at their pretrained weights (the stem always is)
     pool_top: int = 1  # the image's logit is the mean of its this many highest cells (1: the maximum)
-    photo_aug: float = 0.0  # share of examples whose photo is first cropped and recoloured (vary_photo)
+    photo_aug: float = 0.5  # share of examples whose photo is first cropped and recoloured (vary_photo)
     rank_weight: float = 0.0  # weight of the pairwise ranking loss on image logits (rank_loss)
 
     def __post_init__(self) -> None:
