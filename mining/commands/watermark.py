@@ -50,9 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("--scene-text", type=float, default=FinetuneDefaults.scene_text,
                    help="share of examples given a sign, page or label that is part of the scene (a clean feature)")
     f.add_argument("--photo-aug", type=float, default=FinetuneDefaults.photo_aug, metavar="SHARE",
-                   help="share of examples whose photo is first randomly cropped and recoloured")
+                   help="share of examples whose photo is first randomly cropped and recoloured (default %(default)s)")
     f.add_argument("--rank-weight", type=float, default=FinetuneDefaults.rank_weight, metavar="W",
-                   help="weight of a pairwise ranking loss between watermarked and clean images (0: none)")
+                   help="weight of a pairwise ranking loss between watermarked and clean images (default %(default)s: none)")
     f.add_argument("--frozen", type=int, default=FinetuneDefaults.frozen, metavar="N",
                    help="blocks kept at their pretrained weights (fewer: slower steps, more to fit)")
     f.add_argument("--pool-top", type=int, default=FinetuneDefaults.pool_top, metavar="K",
