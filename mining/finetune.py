@@ -447,16 +447,7 @@ def finetune(settings: Settings, clean_dir: Path, out: Path | None = None, confi
     atomically.
     """
     from mining.lake import sha256_file
-    from mining.watermark import (
-        CnnDetector,
-        auroc,
-        cnn_dir,
-        list_images,
-        open_for_detection,
-        predict_examples,
-        split_files,
-        threshold_for,
-    )
+    from mining.watermark import CnnDetector, cnn_dir, list_images, open_for_detection, split_files
 
     config = config or FinetuneConfig()
     torch = _require_torch()
@@ -500,19 +491,7 @@ def finetune(settings: Settings, clean_dir: Path, out: Path | None = None, confi
     data = export_onnx(*model.trained_layers(), metadata={"cnn_version": CNN_VERSION}, pool_top=config.pool_top)
     version = "wmcnn-" + hashlib.sha256(data).hexdigest()[:12]
 
-    # Calibrate on photos the network never saw, through the runtime path itself.
-    with tempfile.TemporaryDirectory(prefix="wmcnn-") as tmp:
-        (Path(tmp) / CnnDetector.model_file).write_bytes(data)
-        probe = CnnDetector(Path(tmp) / CnnDetector.model_file,
-                            {"version": version, "threshold": 0.5, "input_size": config.size},
-                            threads=settings.intra_op_threads)
-        p, metas = predict_examples(probe, calib_files, 8, 8, config.seed + 2)
-    y = np.asarray([m["label"] for m in metas])
-    photo = np.asarray([m["photo_sha256"] for m in metas])
-    threshold = threshold_for(p[y == 0], photo[y == 0], config.target_fpr, config.max_fpr, config.fpr_confidence,
-                              seed=config.seed)
-    metrics = {"calibration_auroc": auroc(y, p), "calibration_fpr": float((p[y == 0] >= threshold).mean()),
-               "calibration_recall": float((p[y == 1] >= threshold).mean())}
+    threshold, metrics, calibration = calibrate(settings, data, config, calib_files)
     seen = sorted({digest(f) for f in [*train_files, *calib_files]} | init_seen)
     meta = {"name": CnnDetector.name, "version": version, "cnn_version": CNN_VERSION, "synth_version": SYNTH_VERSION,
             "input_size": config.size,
@@ -523,8 +502,7 @@ def finetune(settings: Settings, clean_dir: Path, out: Path | None = None, confi
                          "photos": len(train_files),
                          "calibration_photos": len(calib_files), "losses": losses},
             "metrics": metrics, "train_photos_sha256": seen,
-            "calibration": {"scores": [round(float(v), 6) for v in p], "labels": y.tolist(),
-                            "photos_sha256": photo.tolist()},  # to audit or re-derive the threshold
+            "calibration": calibration,  # to audit or re-derive the threshold
             "calibration_photos_sha256": sorted(digest(f) for f in calib_files)}
     target = out or cnn_dir(settings)
     CnnDetector.save(target, data, meta)
@@ -532,3 +510,136 @@ def finetune(settings: Settings, clean_dir: Path, out: Path | None = None, confi
                           calibration_photos=len(calib_files), held_out_photos=[str(f) for f in held],
                           steps=config.steps, threshold=threshold, device=device,
                           seconds=round(time.perf_counter() - t0, 1), losses=losses, **metrics)
+
+
+def calibrate(settings: Settings, data: bytes, config: FinetuneConfig,
+              calib_files: Sequence[Path]) -> tuple[float, dict[str, float], dict[str, list[Any]]]:
+    """Threshold, metrics and raw scores of the ONNX model ``data`` on photos it never trained on.
+
+    Scored through the runtime path itself (:class:`CnnDetector`), so the threshold is the one
+    that holds where it is used.
+    """
+    from mining.watermark import CnnDetector, auroc, predict_examples, threshold_for
+
+    with tempfile.TemporaryDirectory(prefix="wmcnn-") as tmp:
+        (Path(tmp) / CnnDetector.model_file).write_bytes(data)
+        probe = CnnDetector(Path(tmp) / CnnDetector.model_file,
+                            {"version": "calibrating", "threshold": 0.5, "input_size": config.size},
+                            threads=settings.intra_op_threads)
+        p, metas = predict_examples(probe, list(calib_files), 8, 8, config.seed + 2)
+    y = np.asarray([m["label"] for m in metas])
+    photo = np.asarray([m["photo_sha256"] for m in metas])
+    threshold = threshold_for(p[y == 0], photo[y == 0], config.target_fpr, config.max_fpr, config.fpr_confidence,
+                              seed=config.seed)
+    metrics = {"calibration_auroc": auroc(y, p), "calibration_fpr": float((p[y == 0] >= threshold).mean()),
+               "calibration_recall": float((p[y == 1] >= threshold).mean())}
+    scores = {"scores": [round(float(v), 6) for v in p], "labels": y.tolist(), "photos_sha256": photo.tolist()}
+    return threshold, metrics, scores
+
+
+# ------------------------------------------------------------------------------------ soup
+@dataclass
+class SoupReport:
+    version: str
+    path: str
+    ingredients: list[str]  # versions averaged
+    calibration_photos: int
+    threshold: float
+    calibration_auroc: float
+    calibration_fpr: float
+    calibration_recall: float
+    seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def soup_weights(models: Sequence[bytes]) -> bytes:
+    """The uniform average of fine-tuned models' float weights, in the first model's graph.
+
+    Runs fine-tuned from one start stay in one basin of the loss, so their average is a single
+    model of the same cost that usually ranks better than each (a "model soup"). Anything but
+    the float weights (the graph, integer constants) must be identical, or this refuses.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    if len(models) < 2:
+        raise ValueError("a soup needs at least two models")
+    protos = [onnx.load_from_string(m) for m in models]
+    base = protos[0]
+
+    def shape(p: Any) -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:
+        return [(n.op_type, tuple(n.input), tuple(n.output)) for n in p.graph.node]
+
+    weights = [{i.name: numpy_helper.to_array(i) for i in p.graph.initializer} for p in protos]
+    for k, (p, w) in enumerate(zip(protos[1:], weights[1:], strict=True), start=2):
+        if shape(p) != shape(base) or w.keys() != weights[0].keys():
+            raise ValueError(f"model {k} has another graph than model 1: only runs of one architecture average")
+        for name, value in w.items():
+            ref = weights[0][name]
+            if value.shape != ref.shape or value.dtype != ref.dtype:
+                raise ValueError(f"model {k}'s {name} is {value.dtype}{value.shape}, model 1's {ref.dtype}{ref.shape}")
+            if value.dtype.kind != "f" and not np.array_equal(value, ref):
+                raise ValueError(f"model {k}'s constant {name} differs from model 1's")
+    for init in base.graph.initializer:
+        if init.data_type == onnx.TensorProto.FLOAT:
+            mean = np.mean([w[init.name] for w in weights], axis=0, dtype=np.float64).astype(np.float32)
+            init.CopyFrom(numpy_helper.from_array(mean, init.name))
+    return base.SerializeToString()
+
+
+def soup(settings: Settings, ingredients: Sequence[Path], clean_dir: Path, out: Path | None = None,
+         extra_clean: Sequence[Path] = ()) -> SoupReport:
+    """Average fine-tuned models that share their start and calibration photos, then recalibrate.
+
+    Needs no torch. The ingredients must come from ``finetune`` with the same seed (the same
+    initial head), split and input size, so their calibration photos are the same and none of
+    them trained on those; the soup's threshold is set on them afresh. ``clean_dir`` and
+    ``extra_clean`` are where those photos are found again (by content hash).
+    """
+    from mining.lake import sha256_file
+    from mining.watermark import CnnDetector, cnn_dir, list_images
+
+    t0 = time.perf_counter()
+    metas = [json.loads((d / "meta.json").read_text()) for d in ingredients]
+    first = metas[0]
+    for d, meta in zip(ingredients, metas, strict=True):
+        if "calibration_photos_sha256" not in meta or "config" not in meta:
+            raise ValueError(f"{d} is not a fine-tuned model with recorded calibration photos")
+        for key in ("cnn_version", "input_size", "calibration_photos_sha256"):
+            if meta.get(key) != first.get(key):
+                raise ValueError(f"{d} differs from {ingredients[0]} in {key}: only runs of one split and start mix")
+        for key in ("seed", "pool_top", "calibration", "holdout"):
+            if meta["config"].get(key) != first["config"].get(key):
+                raise ValueError(f"{d} differs from {ingredients[0]} in config {key}: only runs of one split "
+                                 "and start mix")
+        if meta.get("training", {}).get("init") != first.get("training", {}).get("init"):
+            raise ValueError(f"{d} started from other weights than {ingredients[0]}")
+    data = soup_weights([(d / CnnDetector.model_file).read_bytes() for d in ingredients])
+    fields = FinetuneConfig.__dataclass_fields__
+    config = FinetuneConfig(**{k: v for k, v in first["config"].items() if k in fields})
+    wanted = set(first["calibration_photos_sha256"])
+    found: dict[str, Path] = {}
+    for folder in (clean_dir, *extra_clean):
+        for f in list_images(folder):
+            if (digest := sha256_file(f)) in wanted:
+                found.setdefault(digest, f)
+    if len(found) < len(wanted):
+        raise ValueError(f"{len(wanted) - len(found)} of the {len(wanted)} calibration photos are not under "
+                         f"{', '.join(str(d) for d in (clean_dir, *extra_clean))}: pass the folders the "
+                         "ingredients trained with (--clean, --extra-clean)")
+    calib_files = sorted(found.values())
+    threshold, metrics, calibration = calibrate(settings, data, config, calib_files)
+    version = "wmcnn-" + hashlib.sha256(data).hexdigest()[:12]
+    seen = sorted(set().union(*(m["train_photos_sha256"] for m in metas)))
+    meta = {**first, "version": version, "threshold": threshold, "created_at": time.strftime(
+                "%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "metrics": metrics, "train_photos_sha256": seen,
+            "calibration": calibration,
+            "soup": [{"path": str(d), "version": m["version"], "config": m["config"],
+                      "metrics": m.get("metrics")} for d, m in zip(ingredients, metas, strict=True)]}
+    target = out or cnn_dir(settings)
+    CnnDetector.save(target, data, meta)
+    return SoupReport(version=version, path=str(target), ingredients=[m["version"] for m in metas],
+                      calibration_photos=len(calib_files), threshold=threshold,
+                      seconds=round(time.perf_counter() - t0, 1), **metrics)

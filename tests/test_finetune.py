@@ -213,3 +213,86 @@ def test_evaluate_skips_the_photos_the_cnn_trained_and_calibrated_on(installed_c
     report = evaluate(installed_cnn, clean, n_per_image=2, neg_per_image=1)
     assert report.excluded_training_photos == 2 and report.photos == 2 and report.samples == 6
     assert report.detector == "wmcnn-test" and report.threshold == 0.4
+
+
+def _weights(model: bytes) -> dict[str, np.ndarray]:
+    import onnx
+    from onnx import numpy_helper
+
+    return {i.name: numpy_helper.to_array(i) for i in onnx.load_from_string(model).graph.initializer}
+
+
+def test_soup_weights_average_every_float_weight_and_refuse_another_graph() -> None:
+    from mining.finetune import soup_weights
+    from mining.settings import load_settings
+
+    stem, blocks = pretrained_body(load_settings(env={}))
+    a, b = (export_onnx(stem, blocks, head_layers(np.random.default_rng(s))) for s in (1, 2))
+    mixed, wa, wb = _weights(soup_weights([a, b])), _weights(a), _weights(b)
+    assert mixed.keys() == wa.keys()
+    changed = [k for k in wa if not np.array_equal(wa[k], wb[k])]
+    assert changed  # the two heads differ ...
+    for k in wa:  # ... and the soup holds their mean, the shared body unchanged
+        np.testing.assert_allclose(mixed[k], (wa[k].astype(np.float64) + wb[k]) / 2, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="another graph"):
+        soup_weights([a, export_onnx(stem, blocks, head_layers(np.random.default_rng(1)), pool_top=4)])
+    with pytest.raises(ValueError, match="at least two"):
+        soup_weights([a])
+
+
+@pytest.fixture
+def soup_ingredients(settings: Settings, tmp_path: Path) -> tuple[list[Path], Path, Path]:
+    """Two 'fine-tuned' models of one split (heads from other seeds), their photo folders."""
+    clean = fake_photo_dir(tmp_path / "clean", 4, seed=3)
+    extra = fake_photo_dir(tmp_path / "extra", 2, seed=4)
+    calib = sorted(sha256_file(f) for f in (clean / "p3.jpg", extra / "p1.jpg"))
+    stem, blocks = pretrained_body(settings)
+    config = {**FinetuneConfig(size=64).__dict__, "retired_knob": 1}  # a knob this version no longer has
+    dirs = []
+    for k in range(2):
+        meta = {"version": f"wmcnn-{k}", "cnn_version": CNN_VERSION, "input_size": 64, "threshold": 0.5,
+                "config": config, "training": {"init": None}, "calibration_photos_sha256": calib,
+                "train_photos_sha256": [*calib, f"train-{k}"]}
+        CnnDetector.save(tmp_path / f"run{k}", export_onnx(stem, blocks, head_layers(np.random.default_rng(k))), meta)
+        dirs.append(tmp_path / f"run{k}")
+    return dirs, clean, extra
+
+
+def test_soup_averages_runs_and_recalibrates_on_their_calibration_photos(
+        settings: Settings, soup_ingredients: tuple[list[Path], Path, Path], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from mining.cli import main
+    from mining.finetune import soup, soup_weights
+
+    dirs, clean, extra = soup_ingredients
+    report = soup(settings, dirs, clean, out=tmp_path / "soup", extra_clean=[extra])
+    det = CnnDetector.load(tmp_path / "soup")
+    meta = det.meta
+    assert report.calibration_photos == 2 and report.ingredients == ["wmcnn-0", "wmcnn-1"]
+    assert det.version == report.version != "wmcnn-0" and det.threshold == report.threshold
+    assert (tmp_path / "soup" / "model.onnx").read_bytes() == soup_weights(
+        [(d / "model.onnx").read_bytes() for d in dirs])
+    assert set(meta["train_photos_sha256"]) >= {"train-0", "train-1"}  # evaluate skips what any run saw
+    assert len(meta["calibration"]["scores"]) == 2 * 16 and [s["version"] for s in meta["soup"]] == report.ingredients
+    # Without the folder that holds one calibration photo the threshold cannot be set: refused, nothing written.
+    with pytest.raises(ValueError, match="1 of the 2 calibration photos"):
+        soup(settings, dirs, clean, out=tmp_path / "partial")
+    assert not (tmp_path / "partial").exists()
+    assert main(["watermark", "soup", str(dirs[0]), str(dirs[1]), "--clean", str(clean),
+                 "--extra-clean", str(extra), "--out", str(tmp_path / "cli")]) == 0
+    assert json.loads(capsys.readouterr().out)["version"] == report.version
+    assert main(["watermark", "soup", str(dirs[0]), "--clean", str(clean)]) == 2
+
+
+def test_soup_refuses_runs_of_another_split_or_start(settings: Settings,
+                                                     soup_ingredients: tuple[list[Path], Path, Path]) -> None:
+    from mining.finetune import soup
+
+    dirs, clean, extra = soup_ingredients
+    meta = json.loads((dirs[1] / "meta.json").read_text())
+    for change, match in [({"config": {**meta["config"], "seed": 1}}, "config seed"),
+                          ({"calibration_photos_sha256": ["other"]}, "calibration_photos_sha256"),
+                          ({"training": {"init": "/models/old"}}, "other weights")]:
+        (dirs[1] / "meta.json").write_text(json.dumps({**meta, **change}))
+        with pytest.raises(ValueError, match=match):
+            soup(settings, dirs, clean, extra_clean=[extra])

@@ -1,4 +1,4 @@
-"""`mining watermark train|evaluate|predict`: build and measure the watermark detector."""
+"""`mining watermark train|finetune|soup|evaluate|predict`: build and measure the watermark detector."""
 
 from __future__ import annotations
 
@@ -66,6 +66,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("--seed", type=int, default=0)
     f.set_defaults(func=_finetune)
 
+    s = sub.add_parser("soup", help="average fine-tuned CNNs of one start and split into one model, then "
+                                     "recalibrate (no torch)")
+    s.add_argument("models", nargs="+", type=Path, metavar="MODEL_DIR",
+                   help="fine-tuned model folders (two or more), trained with the same --seed and split")
+    s.add_argument("--clean", type=Path, required=True, help="the --clean folder they trained with")
+    s.add_argument("--extra-clean", type=Path, action="append", default=[], metavar="DIR",
+                   help="the --extra-clean folders they trained with (their calibration photos are found there)")
+    s.add_argument("--out", type=Path, help="output folder (default: <models_dir>/watermark-cnn)")
+    s.set_defaults(func=_soup)
+
     e = sub.add_parser("evaluate", help="AUROC, false positives and per-kind recall on held-out photos")
     e.add_argument("--clean", type=Path, required=True, help="folder of clean photos (training photos are skipped)")
     e.add_argument("--per-image", type=int, default=8)
@@ -118,6 +128,17 @@ def _finetune(args: argparse.Namespace) -> int:
     summary = report.as_dict()
     summary["held_out_photos"] = len(report.held_out_photos)
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _soup(args: argparse.Namespace) -> int:
+    from mining.finetune import soup
+
+    if len(args.models) < 2:
+        print("mining: a soup needs at least two model folders", file=sys.stderr)
+        return 2
+    report = soup(load_settings(), args.models, args.clean, out=args.out, extra_clean=args.extra_clean)
+    print(json.dumps(report.as_dict(), indent=2))
     return 0
 
 
