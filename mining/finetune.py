@@ -602,6 +602,9 @@ def soup(settings: Settings, ingredients: Sequence[Path], clean_dir: Path, out: 
     from mining.watermark import CnnDetector, cnn_dir, list_images
 
     t0 = time.perf_counter()
+    for d in ingredients:
+        if not (d / "meta.json").is_file() or not (d / CnnDetector.model_file).is_file():
+            raise ValueError(f"{d} is not a fine-tuned model folder (no meta.json and {CnnDetector.model_file})")
     metas = [json.loads((d / "meta.json").read_text()) for d in ingredients]
     first = metas[0]
     for d, meta in zip(ingredients, metas, strict=True):

@@ -282,6 +282,8 @@ def test_soup_averages_runs_and_recalibrates_on_their_calibration_photos(
                  "--extra-clean", str(extra), "--out", str(tmp_path / "cli")]) == 0
     assert json.loads(capsys.readouterr().out)["version"] == report.version
     assert main(["watermark", "soup", str(dirs[0]), "--clean", str(clean)]) == 2
+    assert main(["watermark", "soup", str(dirs[0]), str(tmp_path), "--clean", str(clean)]) == 1
+    assert f"{tmp_path} is not a fine-tuned model folder" in capsys.readouterr().err
 
 
 def test_soup_refuses_runs_of_another_split_or_start(settings: Settings,

@@ -137,7 +137,11 @@ def _soup(args: argparse.Namespace) -> int:
     if len(args.models) < 2:
         print("mining: a soup needs at least two model folders", file=sys.stderr)
         return 2
-    report = soup(load_settings(), args.models, args.clean, out=args.out, extra_clean=args.extra_clean)
+    try:
+        report = soup(load_settings(), args.models, args.clean, out=args.out, extra_clean=args.extra_clean)
+    except ValueError as exc:  # ingredients that do not mix, or calibration photos not found
+        print(f"mining: {exc}", file=sys.stderr)
+        return 1
     print(json.dumps(report.as_dict(), indent=2))
     return 0
 
