@@ -489,7 +489,7 @@ def finetune(settings: Settings, clean_dir: Path, out: Path | None = None, confi
     model = torch_model(*(warm_layers(init_model, *layers) if init_model else layers), pool_top=config.pool_top)
     losses = fit(model, bases, config, device, progress)
     data = export_onnx(*model.trained_layers(), metadata={"cnn_version": CNN_VERSION}, pool_top=config.pool_top)
-    version = "wmcnn-" + hashlib.sha256(data).hexdigest()[:12]
+    version = model_version(data)
 
     threshold, metrics, calibration = calibrate(settings, data, config, calib_files)
     seen = sorted({digest(f) for f in [*train_files, *calib_files]} | init_seen)
@@ -510,6 +510,11 @@ def finetune(settings: Settings, clean_dir: Path, out: Path | None = None, confi
                           calibration_photos=len(calib_files), held_out_photos=[str(f) for f in held],
                           steps=config.steps, threshold=threshold, device=device,
                           seconds=round(time.perf_counter() - t0, 1), losses=losses, **metrics)
+
+
+def model_version(data: bytes) -> str:
+    """A fine-tuned CNN's version: its ONNX bytes' hash, so the same weights always name alike."""
+    return "wmcnn-" + hashlib.sha256(data).hexdigest()[:12]
 
 
 def calibrate(settings: Settings, data: bytes, config: FinetuneConfig,
@@ -580,10 +585,10 @@ def soup_weights(models: Sequence[bytes]) -> bytes:
             ref = weights[0][name]
             if value.shape != ref.shape or value.dtype != ref.dtype:
                 raise ValueError(f"model {k}'s {name} is {value.dtype}{value.shape}, model 1's {ref.dtype}{ref.shape}")
-            if value.dtype.kind != "f" and not np.array_equal(value, ref):
+            if value.dtype != np.float32 and not np.array_equal(value, ref):
                 raise ValueError(f"model {k}'s constant {name} differs from model 1's")
     for init in base.graph.initializer:
-        if init.data_type == onnx.TensorProto.FLOAT:
+        if weights[0][init.name].dtype == np.float32:  # the same rule as the check above
             mean = np.mean([w[init.name] for w in weights], axis=0, dtype=np.float64).astype(np.float32)
             init.CopyFrom(numpy_helper.from_array(mean, init.name))
     return base.SerializeToString()
@@ -634,7 +639,7 @@ def soup(settings: Settings, ingredients: Sequence[Path], clean_dir: Path, out: 
                          "ingredients trained with (--clean, --extra-clean)")
     calib_files = sorted(found.values())
     threshold, metrics, calibration = calibrate(settings, data, config, calib_files)
-    version = "wmcnn-" + hashlib.sha256(data).hexdigest()[:12]
+    version = model_version(data)
     seen = sorted(set().union(*(m["train_photos_sha256"] for m in metas)))
     meta = {**first, "version": version, "threshold": threshold, "created_at": time.strftime(
                 "%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "metrics": metrics, "train_photos_sha256": seen,
